@@ -1,0 +1,123 @@
+"""Checkpoints: tensors in safetensors, everything else (config, step, privacy ledger, RNG
+state) in a JSON sidecar inside the same folder, each written atomically.
+
+Layout of one checkpoint folder `step_000123/`:
+    tensors.safetensors   model / EMA / optimizer tensors, flat names ("model.x", "ema.x", "opt.x")
+    meta.json             {"kind": ..., "step": ..., "config": {...}, ... } -- written LAST
+A folder whose meta.json is missing or unreadable is incomplete and is never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dpldm.utils.io import atomic_path, atomic_write_text
+
+TENSORS = "tensors.safetensors"
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not match what loads it."""
+
+
+def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write `tensors` and `meta` into `folder` atomically (tensors first, meta.json last)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(folder / TENSORS) as tmp:
+        save_file(flat, str(tmp))
+    meta = dict(meta)
+    meta["tensors_sha256"] = sha256_file(folder / TENSORS)
+    atomic_write_text(folder / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load_checkpoint(folder: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint folder; raise CheckpointError naming the file when anything is off."""
+    folder = Path(folder)
+    meta_path, tensor_path = folder / META, folder / TENSORS
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing (incomplete checkpoint)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{tensor_path}: missing")
+    if verify and meta.get("tensors_sha256") and meta["tensors_sha256"] != sha256_file(tensor_path):
+        raise CheckpointError(f"{tensor_path}: checksum does not match {meta_path} (corrupt or truncated)")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+# -- rotating step checkpoints inside a run folder ---------------------------------------------
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def list_step_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any], keep: int = 3) -> Path:
+    """Save `step_XXXXXXXX/` and delete all but the newest `keep` complete checkpoints."""
+    folder = step_dir(run_dir, step)
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_checkpoint(tmp, tensors, {**meta, "step": step})
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    for old in list_step_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path] | None:
+    """The newest loadable step checkpoint; a corrupt newest one falls back to the one before,
+    with a warning. None when the run has no checkpoint yet."""
+    for folder in reversed(list_step_checkpoints(run_dir)):
+        try:
+            tensors, meta = load_checkpoint(folder)
+            return tensors, meta, folder
+        except CheckpointError as e:
+            warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
+    return None

@@ -1,0 +1,62 @@
+"""`dpldm <command> ...`: one entry point; each command lives in the module that does the work.
+
+A command module exposes `add_arguments(parser)` and `run(args) -> int`; modules are imported
+only when their command is used, so `dpldm privacy ...` does not load the models.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, help). Keep sorted by pipeline order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("dpldm.data.cli", "import, encode and inspect webdataset shards"),
+    "pretrain-ae": ("dpldm.train.pretrain_ae", "pretrain the autoencoder on public images"),
+    "pretrain-ldm": ("dpldm.train.pretrain_ldm", "pretrain the class-conditional LDM on public latents"),
+    "privacy": ("dpldm.privacy.cli", "calibrate sigma or report epsilon with Opacus' accountants"),
+    "finetune": ("dpldm.train.finetune", "DP fine-tune the attention modules on private data"),
+    "sample": ("dpldm.sample", "sample a PNG grid from a checkpoint"),
+    "evaluate": ("dpldm.eval.cli", "FID, KID and downstream accuracy of synthetic samples"),
+    "audit": ("dpldm.privacy.audit", "one-run empirical privacy audit (Steinke et al. 2023)"),
+    "demo": ("dpldm.demo", "the end-to-end demo on the embedded data"),
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one clear line, exit code 2."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpldm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    from dpldm.config import ConfigError
+
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, ConfigError) as e:
+        print(f"dpldm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpldm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
