@@ -1,0 +1,27 @@
+"""Shared test set-up: small thread counts (CI has 2 cores), deterministic seeds.
+
+Triton kernels run under the interpreter on machines without a GPU; the variable must be set
+before triton is first imported.
+"""
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+except ImportError:  # pragma: no cover
+    pass
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    yield
