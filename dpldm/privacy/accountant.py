@@ -1,0 +1,234 @@
+"""Privacy accounting with Opacus' accountants (PRV default, RDP), and the privacy ledger.
+
+Nothing here is hand-rolled: epsilon comes from `opacus.accountants` and sigma from
+`opacus.accountants.utils.get_noise_multiplier`. Both assume the Poisson-subsampled Gaussian
+mechanism: each step includes every example independently with probability q (PoissonPlan),
+clips per-example gradients to C and adds N(0, sigma^2 C^2) once. Shuffled fixed-size batches
+are a different mechanism; the ledger only accepts a PoissonPlan.
+
+`PrivacyLedger` is the single source of truth for (sigma, C, q, N, delta), the sampling plan
+and the accountant history. Its `state_dict()` is plain JSON and goes into every checkpoint's
+meta.json; `PrivacyLedger.from_state_dict` on resume restores the exact history, so a resumed
+run neither re-spends nor forgets privacy, and continues the same Poisson plan.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from dpldm.privacy.sampler import PoissonPlan
+
+ACCOUNTANTS = ("prv", "rdp")
+LEDGER_VERSION = 1
+
+
+class PrivacyParameterError(ValueError):
+    """A privacy parameter (epsilon, delta, q, C, sigma, steps, accountant) is out of range."""
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+def check_epsilon(epsilon: float) -> float:
+    if not _is_number(epsilon) or not (epsilon > 0) or math.isinf(epsilon):
+        raise PrivacyParameterError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    return float(epsilon)
+
+
+def check_delta(delta: float, num_examples: int | None = None) -> float:
+    if not _is_number(delta) or not (0 < delta < 1):
+        raise PrivacyParameterError(f"delta must lie in (0, 1), got {delta!r}")
+    if num_examples is not None and delta >= 1.0 / num_examples:
+        raise PrivacyParameterError(
+            f"delta={delta:g} must be < 1/N = {1.0 / num_examples:g} for N={num_examples} private examples "
+            "(a delta >= 1/N allows releasing one example outright)")
+    return float(delta)
+
+
+def check_sample_rate(q: float) -> float:
+    if not _is_number(q) or not (0 < q <= 1):
+        raise PrivacyParameterError(f"sample rate q must lie in (0, 1], got {q!r}")
+    return float(q)
+
+
+def check_max_grad_norm(c: float) -> float:
+    if not _is_number(c) or not (c > 0) or math.isinf(c):
+        raise PrivacyParameterError(f"max_grad_norm (clip norm C) must be a finite number > 0, got {c!r}")
+    return float(c)
+
+
+def check_noise_multiplier(sigma: float) -> float:
+    if not _is_number(sigma) or not (sigma > 0) or math.isinf(sigma):
+        raise PrivacyParameterError(f"noise multiplier sigma must be a finite number > 0, got {sigma!r}")
+    return float(sigma)
+
+
+def check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PrivacyParameterError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise PrivacyParameterError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
+    return name
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+# -- one-shot functions ----------------------------------------------------------------------------
+
+def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                    accountant: str = "prv") -> float:
+    """Epsilon spent after `steps` Poisson-subsampled Gaussian steps (Opacus' accountant)."""
+    sigma, q = check_noise_multiplier(noise_multiplier), check_sample_rate(sample_rate)
+    steps, delta = check_steps(steps), check_delta(delta)
+    acc = create_accountant(mechanism=check_accountant(accountant))
+    acc.history = [(sigma, q, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
+                    *, epsilon_tolerance: float = 0.01) -> float:
+    """The noise multiplier sigma for which `steps` steps at rate q spend at most (epsilon, delta)
+    (Opacus' get_noise_multiplier: binary search, result within `epsilon_tolerance` below target)."""
+    epsilon, delta = check_epsilon(epsilon), check_delta(delta)
+    q, steps, accountant = check_sample_rate(sample_rate), check_steps(steps), check_accountant(accountant)
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=epsilon_tolerance))
+    except ValueError as e:  # opacus: "The privacy budget is too low."
+        raise PrivacyParameterError(f"cannot reach epsilon={epsilon:g} at delta={delta:g}, q={q:g}, "
+                                    f"steps={steps}: {e}") from None
+
+
+# -- the ledger ------------------------------------------------------------------------------------
+
+class PrivacyLedger:
+    """(sigma, C, q, N, delta), the Poisson plan, the accountant and the steps done.
+
+    `step()` is called exactly once per logical (noisy) step, by `DPStep.add_noise()`."""
+
+    def __init__(self, *, noise_multiplier: float, max_grad_norm: float, plan: PoissonPlan, delta: float,
+                 accountant: str = "prv") -> None:
+        if not isinstance(plan, PoissonPlan):
+            raise PrivacyParameterError(
+                f"the ledger needs a PoissonPlan (Opacus' accountants assume Poisson subsampling); got "
+                f"{type(plan).__name__}. Shuffled fixed-size batches are not covered by this accounting.")
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self.plan = plan
+        check_sample_rate(plan.sample_rate)
+        self.delta = check_delta(delta, plan.num_examples)
+        self.accountant_name = check_accountant(accountant)
+        self.accountant = create_accountant(mechanism=self.accountant_name)
+        self.steps_done = 0
+
+    # public constants of the mechanism
+    @property
+    def sample_rate(self) -> float:
+        return self.plan.sample_rate
+
+    @property
+    def num_examples(self) -> int:
+        return self.plan.num_examples
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q*N: the denominator of every update (public), never the realised batch size."""
+        return self.plan.expected_batch_size
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise added to the clipped SUM per coordinate: sigma * C."""
+        return self.noise_multiplier * self.max_grad_norm
+
+    @classmethod
+    def create(cls, *, num_examples: int, sample_rate: float, max_grad_norm: float, delta: float,
+               steps: int | None = None, epsilon: float | None = None, noise_multiplier: float | None = None,
+               accountant: str = "prv", seed: int | None = None) -> "PrivacyLedger":
+        """A fresh ledger; sigma is calibrated for (epsilon, delta, q, steps) unless given."""
+        plan = PoissonPlan(num_examples, check_sample_rate(sample_rate), seed)
+        check_delta(delta, num_examples)
+        if noise_multiplier is None:
+            if epsilon is None or steps is None:
+                raise PrivacyParameterError("give either noise_multiplier, or a target epsilon and the number of steps")
+            noise_multiplier = calibrate_noise(epsilon, delta, sample_rate, steps, accountant)
+        return cls(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, plan=plan, delta=delta,
+                   accountant=accountant)
+
+    @classmethod
+    def from_config(cls, privacy_cfg, num_examples: int, seed: int | None = None) -> "PrivacyLedger":
+        """From a `dpldm.config.PrivacyConfig`: q = expected_batch_size / N."""
+        if privacy_cfg.expected_batch_size > num_examples:
+            raise PrivacyParameterError(f"privacy.expected_batch_size={privacy_cfg.expected_batch_size} exceeds "
+                                        f"the N={num_examples} private examples")
+        return cls.create(num_examples=num_examples, sample_rate=privacy_cfg.expected_batch_size / num_examples,
+                          max_grad_norm=privacy_cfg.max_grad_norm, delta=privacy_cfg.delta,
+                          steps=privacy_cfg.steps, epsilon=privacy_cfg.epsilon,
+                          noise_multiplier=privacy_cfg.noise_multiplier, accountant=privacy_cfg.accountant, seed=seed)
+
+    def step(self) -> None:
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps_done += 1
+
+    def epsilon_spent(self, delta: float | None = None) -> float:
+        """Epsilon spent so far at `delta` (default: the ledger's delta); 0.0 before any step."""
+        if self.steps_done == 0:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=check_delta(self.delta if delta is None else delta)))
+
+    def epsilon_after(self, total_steps: int, delta: float | None = None) -> float:
+        """Epsilon the run will have spent after `total_steps` steps at the ledger's sigma and q."""
+        return compute_epsilon(self.noise_multiplier, self.sample_rate, total_steps,
+                               self.delta if delta is None else delta, self.accountant_name)
+
+    def describe(self) -> dict[str, Any]:
+        """Public, derived quantities for printing (no seed)."""
+        return {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+                "sample_rate": self.sample_rate, "num_examples": self.num_examples,
+                "expected_batch_size": self.expected_batch_size, "noise_std_on_sum": self.noise_std,
+                "delta": self.delta, "accountant": self.accountant_name, "steps_done": self.steps_done}
+
+    # -- checkpointing: plain JSON --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": LEDGER_VERSION,
+            "sampling": "poisson",
+            "accountant": self.accountant_name,
+            "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "delta": self.delta,
+            "steps_done": self.steps_done,
+            "plan": self.plan.state_dict(),  # holds the sampling seed: private, like the data
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this ledger's state with a saved one (validated)."""
+        if not isinstance(state, dict) or state.get("version") != LEDGER_VERSION:
+            raise PrivacyParameterError(f"not a privacy ledger state (version {LEDGER_VERSION}): {state!r:.200}")
+        if state.get("sampling") != "poisson":
+            raise PrivacyParameterError(f"ledger sampling {state.get('sampling')!r} is not 'poisson'")
+        history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        steps_done = int(state["steps_done"])
+        if sum(n for _, _, n in history) != steps_done:
+            raise PrivacyParameterError(f"ledger is inconsistent: history counts {sum(n for *_, n in history)} "
+                                        f"steps but steps_done={steps_done}")
+        fresh = PrivacyLedger(noise_multiplier=state["noise_multiplier"], max_grad_norm=state["max_grad_norm"],
+                              plan=PoissonPlan.from_state_dict(state["plan"]), delta=state["delta"],
+                              accountant=state["accountant"])
+        fresh.accountant.load_state_dict({"history": history, "mechanism": fresh.accountant_name})
+        fresh.steps_done = steps_done
+        self.__dict__.update(fresh.__dict__)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "PrivacyLedger":
+        ledger = cls.__new__(cls)
+        ledger.load_state_dict(state)
+        return ledger
