@@ -59,7 +59,7 @@ class FolderWriter:
             if not self.overwrite:
                 raise SourceError(
                     f"{self.out} already holds a different dataset ({_describe(previous.get('fingerprint'))}); "
-                    f"nothing was changed. Choose another folder, or overwrite it explicitly")
+                    f"nothing was changed. Choose another folder, or overwrite it (--overwrite)")
             for name in (MANIFEST, INDEX, PROGRESS):  # the folder is incomplete from here on
                 (self.out / name).unlink(missing_ok=True)
             for old in self.out.glob("shard-*.tar"):
@@ -79,7 +79,8 @@ class FolderWriter:
 
     def write(self, k: int, first_index: int, xs: np.ndarray, ys: np.ndarray, ext: str) -> None:
         info = write_shard(self.out / shard_name(k), first_index, xs, ys, ext)
-        self._done[str(k)] = {"k": k, **info, "class_histogram": np.bincount(ys).tolist()}
+        self._done[str(k)] = {"k": k, **info, "class_histogram": np.bincount(ys).tolist(),
+                              "example_shape": list(xs.shape[1:]), "dtype": str(xs.dtype)}
         self.written.append(k)
         write_json(self.out / PROGRESS, {"fingerprint": self.fingerprint,
                                          "shards": sorted(self._done.values(), key=lambda s: s["k"])})

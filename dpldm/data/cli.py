@@ -1,0 +1,119 @@
+"""`dpldm data import|encode|inspect` (see docs/data.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dpldm.cli import UserError
+from dpldm.data.errors import DataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("import", help="write a source as webdataset shards + wids index + manifest")
+    p.add_argument("--source", required=True,
+                   help="glyphs | mnist5k | digits | cryptopunks | an image folder | a .npz file")
+    p.add_argument("--out", required=True, help="output shard folder")
+    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--shard-size", type=int, default=1000, help="examples per shard (default 1000)")
+    p.add_argument("--format", default="npy", choices=("npy", "png"), help="image payload format")
+    p.add_argument("--num", type=int, default=None, help="glyphs only: how many to render")
+    p.add_argument("--seed", type=int, default=0, help="glyphs only: render seed (test split uses seed+1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder holding a different dataset")
+
+    p = sub.add_parser("encode", help="private images once through the frozen encoder into latent shards")
+    p.add_argument("--shards", required=True, help="image shard folder (from `dpldm data import`)")
+    p.add_argument("--autoencoder", required=True, help="checkpoint folder: kind 'autoencoder' or 'ldm', or a run folder")
+    p.add_argument("--out", required=True, help="output latent shard folder")
+    p.add_argument("--format", default="npy", choices=("npy", "pth"), help="latent payload format")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace latents made by another autoencoder")
+
+    p = sub.add_parser("inspect", help="counts, class histogram and a PNG grid of a shard folder")
+    p.add_argument("dir", help="shard folder")
+    p.add_argument("--grid", default=None, help="PNG path (default DIR/inspect_grid.png; 'none' to skip)")
+    p.add_argument("--per-class", type=int, default=8, help="grid: examples per class (one row per class)")
+    p.add_argument("--verify", action="store_true", help="read every sample and check every sha256")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return {"import": _import, "encode": _encode, "inspect": _inspect}[args.data_command](args)
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+
+def _progress(label: str):
+    t0 = time.time()
+
+    def on_shard(k: int) -> None:
+        print(f"\r{label}: shard {k + 1} done ({time.time() - t0:.1f}s)", end="", file=sys.stderr, flush=True)
+    return on_shard
+
+
+def _report(verb: str, report, out: str) -> None:
+    m = report.manifest
+    print(file=sys.stderr)
+    print(f"{verb} {m['num_examples']} examples into {len(m['shards'])} shard(s) in {out} "
+          f"(written {len(report.written)}, kept {len(report.skipped)} intact from an earlier run)")
+    print(f"class histogram: {m['class_histogram']}")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from dpldm.data.shards import import_arrays
+    from dpldm.data.sources import load_source
+
+    if args.shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
+    images, labels, meta = load_source(args.source, args.split, num=args.num, seed=args.seed)
+    print(f"source {args.source} [{args.split}]: {images.shape} {images.dtype}, {meta['num_classes']} classes",
+          file=sys.stderr)
+    report = import_arrays(images, labels, meta, args.out, shard_size=args.shard_size, fmt=args.format,
+                           overwrite=args.overwrite, on_shard=_progress("import"))
+    _report("imported", report, args.out)
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from dpldm.checkpoint import CheckpointError
+    from dpldm.data.latents import encode_shards, load_encoder
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        encode_fn, ae_hash, info = load_encoder(args.autoencoder)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    print(f"autoencoder {args.autoencoder}: sha256 {ae_hash[:16]}...", file=sys.stderr)
+    report = encode_shards(args.shards, args.out, encode_fn, autoencoder_sha256=ae_hash, batch_size=args.batch_size,
+                           fmt=args.format, overwrite=args.overwrite, autoencoder_info=info,
+                           on_shard=_progress("encode"))
+    _report("encoded", report, args.out)
+    print(f"latent shape {report.manifest['latent_shape']} (float32, posterior mean, unscaled)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from dpldm.data.inspect import inspect_folder
+
+    grid = None if args.grid == "none" else (args.grid or str(Path(args.dir) / "inspect_grid.png"))
+    info = inspect_folder(args.dir, grid=grid, per_class=args.per_class, verify=args.verify)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['folder']}: {info['kind']} of {info['source']} [{info['split']}]")
+    print(f"  examples {info['num_examples']} in {info['num_shards']} shard(s); sample {info['sample']}")
+    names = info["class_names"] or [str(i) for i in range(info["num_classes"])]
+    print("  classes: " + ", ".join(f"{n}={c}" for n, c in zip(names, info["class_histogram"])))
+    if info.get("autoencoder_sha256"):
+        print(f"  autoencoder sha256 {info['autoencoder_sha256']}")
+    if "verified_class_histogram" in info:
+        print("  verified: every sample decodes and every shard's sha256 matches")
+    if info.get("grid"):
+        print(f"  grid: {info['grid']}")
+    return 0
