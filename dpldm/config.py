@@ -57,6 +57,7 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     attention_levels: tuple[int, ...] = (0, 1)  # resolution levels (0 = top) that get a SpatialTransformer
+    middle_attention: bool = True  # a SpatialTransformer in the middle block (as in LDM)
     num_heads: int = 4
     transformer_depth: int = 1
     context_dim: int = 64
@@ -176,6 +177,10 @@ class TrainConfig:
     init_checkpoint: str = ""  # public model to fine-tune from
     wandb: bool = True  # offline by default; files inside the run folder
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    # autoencoder pretraining (`dpldm pretrain-ae`); steps/lr/batch_size above drive pretrain-ldm
+    ae_steps: int = 1000
+    ae_lr: float = 1e-3
+    ae_batch_size: int = 64
 
     def __post_init__(self) -> None:
         ok = self.finetune in ("all", "attention:all") or self.finetune.startswith("attention:")
@@ -191,6 +196,9 @@ class TrainConfig:
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _require(self.threads >= 0, "train.threads", "must be >= 0")
+        _require(self.ae_steps >= 0, "train.ae_steps", "must be >= 0")
+        _require(self.ae_lr > 0, "train.ae_lr", "must be > 0")
+        _require(self.ae_batch_size >= 1, "train.ae_batch_size", "must be >= 1")
 
 
 @dataclass

@@ -1,0 +1,147 @@
+"""`LatentDiffusion`: the pretrained bundle (autoencoder, UNet, schedule, latent scale, EMA).
+
+A model folder (dpldm.checkpoint format) holds tensors `ae.*`, `unet.*`, `ema.*` and a
+meta.json with {"kind": "ldm", "config": <RunConfig>, "scale_factor": s, ...}. Latents seen by
+the UNet are `scale_factor * z`, with scale_factor = 1 / std of the public latents (computed
+after autoencoder pretraining, as in LDM), so they have roughly unit variance.
+An autoencoder-only folder (`dpldm pretrain-ae`) has kind "autoencoder" and tensors `ae.*`.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpldm.checkpoint import CheckpointError, load_checkpoint, prefixed, save_checkpoint, unprefixed
+from dpldm.config import RunConfig
+from dpldm.diffusion.ema import EMA
+from dpldm.diffusion.sampling import sample as sample_latents
+from dpldm.diffusion.schedule import DiffusionSchedule
+from dpldm.models.autoencoder import Autoencoder
+from dpldm.models.unet import UNet
+
+PUBLIC_MODEL = "public_glyphs"
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, cfg: RunConfig, scale_factor: float = 1.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ae = Autoencoder(cfg.autoencoder)
+        self.unet = UNet(cfg.unet)
+        self.schedule = DiffusionSchedule.from_config(cfg.diffusion)
+        self.scale_factor = float(scale_factor)
+        self.ema = EMA(self.unet, cfg.train.ema_decay)  # not a submodule: saved under "ema.*"
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.cfg.autoencoder.downsample_factor
+        size = self.cfg.data.image_size // f
+        return (self.cfg.autoencoder.latent_channels, size, size)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, Z, h, w) (posterior mean unless `sample`)."""
+        posterior = self.ae.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, Z, h, w) -> images (B, C, H, W), clamped to [-1, 1]."""
+        return self.ae.decode(z / self.scale_factor).clamp(-1, 1)
+
+    def sampling_unet(self, use_ema: bool = True) -> nn.Module:
+        return self.ema.module if use_ema else self.unet
+
+    def copy_ema_to_unet(self) -> None:
+        """Start from the EMA weights (e.g. before fine-tuning)."""
+        self.unet.load_state_dict(self.ema.module.state_dict())
+
+    @torch.no_grad()
+    def sample(self, y: torch.Tensor, steps: int | None = None, eta: float | None = None,
+               guidance_scale: float | None = None, sampler: str | None = None,
+               generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] for labels y (B,); unset options come from cfg.diffusion."""
+        d = self.cfg.diffusion
+        unet = self.sampling_unet(use_ema)
+        z = sample_latents(unet, self.schedule, y, (y.shape[0], *self.latent_shape),
+                           sampler=sampler or d.sampler, steps=steps or d.sample_steps,
+                           eta=d.eta if eta is None else eta,
+                           guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+                           generator=generator)  # (B, Z, h, w)
+        return self.decode(z)
+
+
+def _model_folder(folder: str | Path) -> Path:
+    """Accept a model folder or a run folder that has one in `model/`."""
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file() and (folder / "model" / "meta.json").is_file():
+        return folder / "model"
+    return folder
+
+
+def save_autoencoder(folder: str | Path, ae: Autoencoder, cfg: RunConfig, extra: dict[str, Any] | None = None) -> Path:
+    meta = {"kind": "autoencoder", "config": cfg.to_dict(), **(extra or {})}
+    return save_checkpoint(folder, prefixed("ae", ae.state_dict()), meta)
+
+
+def load_autoencoder(folder: str | Path) -> tuple[Autoencoder, RunConfig, dict[str, Any]]:
+    """An autoencoder from an "autoencoder" or "ldm" folder (or a run folder with `model/`)."""
+    folder = _model_folder(folder)
+    tensors, meta = load_checkpoint(folder)
+    if meta.get("kind") not in ("autoencoder", "ldm"):
+        raise CheckpointError(f"{folder}: kind {meta.get('kind')!r} holds no autoencoder")
+    cfg = RunConfig.from_dict(meta["config"], f"{folder}/meta.json")
+    ae = Autoencoder(cfg.autoencoder)
+    _load_strict(ae, unprefixed("ae", tensors), folder, "ae")
+    return ae, cfg, meta
+
+
+def save_ldm(folder: str | Path, ldm: LatentDiffusion, extra: dict[str, Any] | None = None) -> Path:
+    """Write the bundle (AE, UNet, EMA, RunConfig, scale_factor) atomically into `folder`."""
+    tensors = {**prefixed("ae", ldm.ae.state_dict()), **prefixed("unet", ldm.unet.state_dict()),
+               **prefixed("ema", ldm.ema.state_dict())}
+    meta = {"kind": "ldm", "config": ldm.cfg.to_dict(), "scale_factor": ldm.scale_factor, **(extra or {})}
+    return save_checkpoint(folder, tensors, meta)
+
+
+def load_ldm(folder: str | Path) -> LatentDiffusion:
+    """Load a folder written by `save_ldm` (or a run folder with `model/`); eval mode, on CPU."""
+    folder = _model_folder(folder)
+    tensors, meta = load_checkpoint(folder)
+    if meta.get("kind") != "ldm":
+        raise CheckpointError(f"{folder}: expected an LDM checkpoint (kind 'ldm'), got {meta.get('kind')!r}")
+    cfg = RunConfig.from_dict(meta["config"], f"{folder}/meta.json")
+    ldm = LatentDiffusion(cfg, scale_factor=meta["scale_factor"])
+    _load_strict(ldm.ae, unprefixed("ae", tensors), folder, "ae")
+    _load_strict(ldm.unet, unprefixed("unet", tensors), folder, "unet")
+    ema_state = unprefixed("ema", tensors)
+    if ema_state:
+        ldm.ema.load_state_dict(ema_state)
+    else:
+        ldm.ema = EMA(ldm.unet, cfg.train.ema_decay)
+    ldm.meta = meta
+    return ldm.eval()
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: '{what}' weights do not match the config in meta.json: {e}") from None
+
+
+def public_model_path() -> Path:
+    return Path(str(importlib.resources.files("dpldm") / "assets" / PUBLIC_MODEL))
+
+
+def load_public_model() -> LatentDiffusion:
+    """The shipped glyph model (`dpldm/assets/public_glyphs/`)."""
+    path = public_model_path()
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{path}: the shipped public model is missing (see docs/pretraining.md)")
+    return load_ldm(path)

@@ -1,0 +1,78 @@
+"""Choose the part of the UNet that (DP) fine-tuning trains: `train.finetune` spec.
+
+    "all"            every UNet parameter
+    "attention:all"  every SpatialTransformer + the class embedder
+    "attention:9-16" SpatialTransformers 9..16 (1-based, forward order, as in the DP-LDM paper)
+                     + the class embedder; ranges and single numbers can be comma-joined
+                     ("attention:1-3,7").
+
+With a one-token class context the cross-attention softmax runs over a single key, so its
+weights are exactly 1 whatever q and k are: `attn2.to_q` and `attn2.to_k` get exactly zero
+gradient. Attention selections therefore leave them frozen (training them would only spend
+compute and DP noise); "all" trains them anyway.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from dpldm.models.unet import UNet
+
+ZERO_GRAD_SUFFIXES = ("attn2.to_q.weight", "attn2.to_k.weight")
+
+
+def parse_attention_range(spec: str, n_modules: int) -> list[int]:
+    """1-based module numbers named by the part after "attention:"; ValueError outside 1..N."""
+    if spec == "all":
+        return list(range(1, n_modules + 1))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"finetune spec 'attention:{spec}': {part!r} is not a number or a range A-B") from None
+        if lo > hi:
+            raise ValueError(f"finetune spec 'attention:{spec}': empty range {lo}-{hi}")
+        if lo < 1 or hi > n_modules:
+            raise ValueError(f"finetune spec 'attention:{spec}': range {lo}-{hi} lies outside 1..{n_modules} "
+                             f"(this UNet has {n_modules} attention modules)")
+        chosen.update(range(lo, hi + 1))
+    return sorted(chosen)
+
+
+def apply_finetune(unet: UNet, spec: str) -> list[str]:
+    """Set requires_grad for `spec` and return the names of the trainable parameters (model order)."""
+    if spec == "all":
+        for p in unet.parameters():
+            p.requires_grad_(True)
+        return [name for name, _ in unet.named_parameters()]
+    if not spec.startswith("attention:"):
+        raise ValueError(f"finetune spec {spec!r}: expected all | attention:all | attention:A-B")
+    modules = unet.attention_modules()
+    numbers = parse_attention_range(spec[len("attention:"):], len(modules))
+    unet.requires_grad_(False)
+    for k in numbers:
+        modules[k - 1].requires_grad_(True)
+    unet.label_embedder.requires_grad_(True)
+    for name, p in unet.named_parameters():
+        if name.endswith(ZERO_GRAD_SUFFIXES):
+            p.requires_grad_(False)
+    return [name for name, p in unet.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def finetune_summary(unet: UNet, spec: str) -> str:
+    """One paragraph describing what `spec` trains (call after apply_finetune)."""
+    total, trainable = count_parameters(unet)
+    n = len(unet.attention_modules())
+    lines = [f"finetune {spec!r}: {trainable:,} of {total:,} UNet parameters trainable "
+             f"({100.0 * trainable / max(total, 1):.2f}%); the UNet has {n} attention modules (1..{n})"]
+    if spec != "all":
+        lines.append("  cross-attention to_q/to_k stay frozen: with a one-token class context their gradient is exactly 0")
+    return "\n".join(lines)

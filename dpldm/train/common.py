@@ -1,0 +1,86 @@
+"""Shared pieces of the non-private training commands: CLI options, config resolution,
+per-step seeds, optimizer/scheduler state in checkpoints, resume checks."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpldm.checkpoint import list_step_checkpoints
+from dpldm.cli import UserError
+from dpldm.config import RunConfig, load_config
+
+STREAMS = {"ae": 1, "ldm": 2, "sample": 3}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML recipe (configs/*.toml); defaults when omitted")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set train.steps=500")
+    parser.add_argument("--out", help="run folder (overrides train.out_dir)")
+    parser.add_argument("--no-wandb", action="store_true", help="turn wandb logging off")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest step checkpoint in the run folder")
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.set)
+    if args.out:
+        overrides.append(f"train.out_dir={json.dumps(str(args.out))}")
+    if args.no_wandb:
+        overrides.append("train.wandb=false")
+    return load_config(args.config, overrides)
+
+
+def set_threads(cfg: RunConfig) -> None:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, stream, step): runs resume exactly."""
+    state = np.random.SeedSequence([seed, STREAMS[stream], step]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def warmup_scheduler(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps` steps, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimizer state_dict: tensors `opt.<param index>.<name>` + JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"opt.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def check_resume_config(cfg: RunConfig, saved: dict[str, Any], sections: tuple[str, ...], where: Path) -> None:
+    """A resumed run must train the same model on the same data: compare those sections."""
+    saved_cfg = RunConfig.from_dict(saved, f"{where}/meta.json").to_dict()
+    now = cfg.to_dict()
+    diffs = [f"{s}.{k}: checkpoint {saved_cfg[s][k]!r} != now {now[s][k]!r}"
+             for s in sections for k in now[s] if saved_cfg[s][k] != now[s][k]]
+    if diffs:
+        raise UserError(f"cannot resume from {where}: the config changed ({'; '.join(diffs)})")
+
+
+def refuse_to_clobber(run_dir: Path, resume: bool) -> None:
+    if not resume and list_step_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds step checkpoints: pass --resume to continue, or pick another --out")
