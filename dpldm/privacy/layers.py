@@ -87,7 +87,7 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # g: (R, ..., d_out)
         x, weight = ctx.saved_tensors
-        ctx.call.a, ctx.call.g = x, g
+        ctx.call.a, ctx.call.g = x.detach(), g.detach()
         grad_x = g.matmul(weight.to(g.dtype)) if ctx.needs_input_grad[0] else None  # (R, ..., d_in)
         return grad_x, None, None, None
 
@@ -105,7 +105,7 @@ class _LayerNormFn(torch.autograd.Function):
     def backward(ctx, g):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         g = g.contiguous()
-        ctx.call.a, ctx.call.g = (x, mean, rstd), g
+        ctx.call.a, ctx.call.g = (x.detach(), mean.detach(), rstd.detach()), g.detach()
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x, _, _ = torch.ops.aten.native_layer_norm_backward(
@@ -128,7 +128,7 @@ class _GroupNormFn(torch.autograd.Function):
     def backward(ctx, g):
         x, mean, rstd, weight = ctx.saved_tensors
         g = g.contiguous()
-        ctx.call.a, ctx.call.g = (x, mean, rstd), g
+        ctx.call.a, ctx.call.g = (x.detach(), mean.detach(), rstd.detach()), g.detach()
         grad_x = None
         if ctx.needs_input_grad[0]:
             R, C, hw, groups = ctx.dims
@@ -147,7 +147,7 @@ class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # g: (R, ..., d)
         (idx,) = ctx.saved_tensors
-        ctx.call.a, ctx.call.g = idx, g
+        ctx.call.a, ctx.call.g = idx, g.detach()
         return None, None, None, None, None, None
 
 
