@@ -126,7 +126,7 @@ class PrivateIndexedDataset:
         except ShardError:
             raise
         except Exception as e:  # noqa: BLE001 - wids/tar failure: say where
-            raise ShardError(f"cannot read sample ({type(e).__name__}: {e}); {diagnose_tar(Path(path))}",
+            raise ShardError(f"cannot read sample ({type(e).__name__}: {e}); {diagnose_tar(Path(path))[1]}",
                              shard=path, key=sample_key(index)) from None
         return decode_sample(sample, self.spec, shard=path, expected_key=sample_key(index))
 
@@ -263,8 +263,10 @@ class _Stages:
                 raise
             except Exception as e:  # noqa: BLE001 - tar-level failure; webdataset appends the url
                 url = next((a for a in reversed(getattr(e, "args", ())) if isinstance(a, str) and a.endswith(".tar")), None)
-                raise ShardError(f"unreadable tar ({type(e).__name__}: {str(e.args[0] if e.args else e).split(' @ ')[0]})"
-                                 + (f"; {diagnose_tar(Path(url))}" if url else ""), shard=url or str(path)) from None
+                key, why = diagnose_tar(Path(url)) if url else (None, "")
+                msg = str(e.args[0] if e.args else e).split(" @ ")[0]
+                raise ShardError(f"unreadable tar ({type(e).__name__}: {msg}); {why}", shard=url or str(path),
+                                 key=key) from None
             x, y = decode_sample(sample, spec, shard=sample.get("__url__"))
             yield x, y
 

