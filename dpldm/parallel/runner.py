@@ -1,0 +1,332 @@
+"""The distributed DP fine-tuning run behind `launch/train.py` (any launcher, any ZeRO stage).
+
+    plan      resolve and print every derived quantity (world size, batches, sigma, epsilon)
+    ranks     init_distributed(): deepspeed / torchrun / srun / bare python
+    ledger    built on rank 0, broadcast (same Poisson plan everywhere), or restored from the
+              newest checkpoint of --out (any world size)
+    UNet      built for the ZeRO stage (stage 3: frozen part partitioned, trainable replicated),
+              weights from train.init_checkpoint (an LDM folder) loaded from rank 0
+    loop      run_logical_step(): this rank's share, clipped sums, noise once (rank 0),
+              all-reduce, / q*N, the same AdamW step on every rank
+    stop      SIGTERM / SIGUSR1 on any rank, or a STOP file in --out: finish the logical step,
+              checkpoint, exit 0 (the sbatch script requeues; the next start resumes)
+    end       final checkpoint; rank 0 writes the consolidated single-process model to --out/model
+
+Logged: step, epsilon spent, seconds per step. Never logged: losses, norms, batch sizes (private).
+Per-example diffusion randomness (timesteps, noise, label drop) is drawn from (seed, step,
+example index), so the result does not depend on how the sample is split over ranks and chunks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpldm.config import RunConfig, load_config, save_resolved
+from dpldm.parallel.plan import PlanError, format_plan, read_hostfile, resolve_plan, unet_counts
+
+STOP_FILE = "STOP"
+_MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class RunOptions:
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    zero: str = "0"  # stage 0-3 or a DeepSpeed JSON path
+    out: str | None = None
+    resume: str = "auto"  # auto | never
+    dry_run: bool = False
+    hostfile: str | None = None  # dry run: world size from a hostfile
+    world_size: int | None = None  # dry run: world size given directly
+    synthetic_latents: int = 0  # >0: a random latent set of this size (smoke tests; not private data)
+    sampling_seed: int | None = None  # Poisson plan seed (default: from the OS; private)
+    noise_seed: int | None = None  # seeded noise (tests/deterministic reruns only; private)
+    stop_after: int = 0  # >0: stop (checkpoint, exit 0) after this many steps in this invocation
+    backend: str = "auto"
+    check_every: int = 0  # >0: check replicas are bit-identical every this many steps
+    verbose: bool = True
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+def latent_shape(cfg: RunConfig) -> tuple[int, int, int]:
+    f = cfg.autoencoder.downsample_factor
+    return (cfg.autoencoder.latent_channels, cfg.data.image_size // f, cfg.data.image_size // f)
+
+
+def open_private(cfg: RunConfig, opts: RunOptions):
+    """The private latent set (an IndexedDataset): a latent shard folder, or synthetic latents."""
+    from dpldm.data.loaders import InMemoryDataset, open_private_dataset
+
+    if opts.synthetic_latents:
+        g = torch.Generator().manual_seed(12345)
+        x = torch.randn((opts.synthetic_latents, *latent_shape(cfg)), generator=g)
+        y = torch.randint(0, cfg.data.num_classes, (opts.synthetic_latents,), generator=g)
+        return InMemoryDataset(x, y, kind="latents", num_classes=cfg.data.num_classes)
+    folder = Path(cfg.data.private)
+    if not folder.is_dir():
+        raise PlanError(f"data.private={cfg.data.private!r} is not a latent shard folder; encode the private set "
+                        "first (its latents are what the ranks read) or pass --synthetic-latents N for a smoke run")
+    ds = open_private_dataset(folder)
+    if ds.kind != "latents":
+        raise PlanError(f"{folder}: holds {ds.kind}, fine-tuning reads latents (encode the images first)")
+    return ds
+
+
+def count_private(cfg: RunConfig, opts: RunOptions) -> int:
+    if opts.synthetic_latents:
+        return int(opts.synthetic_latents)
+    from dpldm.data.manifest import open_shard_folder
+
+    folder = Path(cfg.data.private)
+    if not folder.is_dir():
+        raise PlanError(f"data.private={cfg.data.private!r} is not a latent shard folder (or pass --synthetic-latents N)")
+    return int(open_shard_folder(folder).num_examples)
+
+
+# -- per-example diffusion randomness, independent of ranks and chunks --------------------------------
+
+def per_example_draws(idx: torch.Tensor, step: int, seed: int, K: int, shape: tuple[int, ...], T: int,
+                      drop_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t (B*K,), noise (B*K, *shape), drop (B,) from one generator per (seed, step, example)."""
+    ts, noises, drops = [], [], []
+    for i in idx.tolist():
+        g = torch.Generator().manual_seed((seed * 1_000_003 + (step + 1) * _MIX + int(i) * 7_919) % (2**63 - 1))
+        ts.append(torch.randint(0, T, (K,), generator=g))
+        noises.append(torch.randn((K, *shape), generator=g))
+        drops.append(torch.rand((), generator=g) < drop_prob)
+    if not ts:
+        return (torch.zeros(0, dtype=torch.int64), torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.bool))
+    return torch.cat(ts), torch.cat(noises), torch.stack(drops)
+
+
+def make_loss_fn(cfg: RunConfig, schedule, device: torch.device):
+    """per_example_loss_fn(unet, batch) for the DPStep; batch = (z0, y, idx, step).
+    Classifier-free-guidance label drop is drawn per example (all K copies share it)."""
+    from dpldm.diffusion.loss import per_example_loss
+
+    K = cfg.diffusion.timesteps_per_example
+    seed = cfg.train.seed
+
+    def loss_fn(unet, batch):
+        z0, y, idx, step = batch
+        t, noise, drop = per_example_draws(idx, step, seed, K, tuple(z0.shape[1:]), schedule.num_timesteps,
+                                           cfg.diffusion.cond_drop_prob)
+        y = torch.where(drop, torch.full_like(y, unet.null_class), y)
+        return per_example_loss(unet, z0.to(device), y.to(device), schedule, K, t=t.to(device), noise=noise.to(device))
+
+    return loss_fn
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.raised = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.raised = 1
+
+
+def _log(ctx, opts: RunOptions, msg: str) -> None:
+    if ctx.is_main and opts.verbose:
+        print(msg, flush=True)
+
+
+def dry_run_world_size(opts: RunOptions) -> int:
+    if opts.world_size:
+        return int(opts.world_size)
+    if opts.hostfile:
+        return sum(s for _, s in read_hostfile(opts.hostfile))
+    from dpldm.parallel.env import resolve_launch_env
+
+    return resolve_launch_env().world_size
+
+
+def plan_only(opts: RunOptions) -> dict[str, Any]:
+    cfg = load_config(opts.config, opts.overrides)
+    from dpldm.parallel.zero import load_ds_config, zero_stage
+
+    stage = zero_stage(load_ds_config(opts.zero, cfg.privacy.physical_batch_size))
+    plan = resolve_plan(cfg, count_private(cfg, opts), dry_run_world_size(opts), stage, unet_counts(cfg))
+    return plan
+
+
+def run(opts: RunOptions) -> int:
+    from dpldm.parallel.zero import load_ds_config, zero_stage
+
+    cfg = load_config(opts.config, opts.overrides)
+    ds_config = load_ds_config(opts.zero, cfg.privacy.physical_batch_size)
+    stage = zero_stage(ds_config)
+    if opts.dry_run:
+        plan = resolve_plan(cfg, count_private(cfg, opts), dry_run_world_size(opts), stage, unet_counts(cfg))
+        print("dry run: resolved plan (nothing trained)")
+        print(format_plan(plan))
+        print("PLAN_JSON " + json.dumps(plan, sort_keys=True))
+        return 0
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+    from dpldm.parallel.dist import init_distributed
+
+    ctx = init_distributed(opts.backend)
+    try:
+        return _train(cfg, opts, ctx, ds_config, stage)
+    finally:
+        ctx.close()
+
+
+def _init_state(cfg: RunConfig, out: Path, ctx) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Rank 0: the UNet weights to start from and the LDM folder they come from. Without
+    train.init_checkpoint a randomly initialised model is written to out/init_model (smoke runs)."""
+    if not ctx.is_main:
+        return None, ""
+    from dpldm.checkpoint import load_checkpoint, unprefixed
+    from dpldm.models.ldm import LatentDiffusion, _model_folder, save_ldm
+
+    if cfg.train.init_checkpoint:
+        folder = _model_folder(cfg.train.init_checkpoint)
+        tensors, meta = load_checkpoint(folder)
+        if meta.get("kind") != "ldm":
+            raise PlanError(f"train.init_checkpoint={folder}: expected an LDM folder, got kind {meta.get('kind')!r}")
+        return unprefixed("unet", tensors), str(folder)
+    folder = out / "init_model"
+    if not (folder / "meta.json").is_file():
+        print("warning: train.init_checkpoint is empty: fine-tuning a RANDOMLY initialised model (smoke run); "
+              f"it is saved to {folder}", flush=True)
+        torch.manual_seed(cfg.train.seed)
+        save_ldm(folder, LatentDiffusion(cfg))
+    tensors, _ = load_checkpoint(folder)
+    return unprefixed("unet", tensors), str(folder)
+
+
+def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -> int:
+    from dpldm.diffusion.schedule import DiffusionSchedule
+    from dpldm.models.selection import apply_finetune
+    from dpldm.models.unet import UNet
+    from dpldm.parallel.state import (consolidate, load_latest_dp_checkpoint, restore_dp_state, save_dp_checkpoint,
+                                      shared_ledger)
+    from dpldm.parallel.step import run_logical_step
+    from dpldm.parallel.zero import build_model
+    from dpldm.privacy.dp_step import DPStep
+    from dpldm.privacy.noise import GaussianNoise
+
+    out = Path(opts.out or cfg.train.out_dir)
+    stop = _StopFlag()
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STOP_FILE).unlink(missing_ok=True)
+        save_resolved(cfg, out)
+    ctx.barrier()
+
+    dataset = open_private(cfg, opts)
+    N = len(dataset)
+    plan = resolve_plan(cfg, N, ctx.world_size, stage)
+    resumed = load_latest_dp_checkpoint(ctx, out) if opts.resume == "auto" else None
+    ledger = shared_ledger(ctx, cfg.privacy, N, seed=opts.sampling_seed,
+                           state=resumed[1]["privacy"]["ledger"] if resumed else None)
+    plan["noise_multiplier"] = ledger.noise_multiplier
+    _log(ctx, opts, f"distributed DP fine-tuning: {ctx.world_size} rank(s) via {ctx.launcher}, backend {ctx.backend}, "
+                    f"ZeRO stage {stage}\n{format_plan(plan)}")
+
+    state, init_folder = _init_state(cfg, out, ctx)
+    init_folder = ctx.broadcast_object(init_folder)
+    model = build_model(lambda: UNet(cfg.unet), ctx, ds_config,
+                        select_trainable=lambda m: apply_finetune(m, cfg.train.finetune), state=state)
+    del state
+    unet = model.module
+    trainable = model.trainable()
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    schedule = DiffusionSchedule.from_config(cfg.diffusion)
+    noise = GaussianNoise(secure=cfg.privacy.secure_noise, seed=opts.noise_seed)
+    dp = DPStep(unet, make_loss_fn(cfg, schedule, ctx.device), ledger, noise=noise, optimizer=optimizer,
+                world=ctx.world(), norm_method=cfg.privacy.norm_method, backend=cfg.privacy.backend)
+    if resumed:
+        tensors, meta, folder = resumed
+        restore_dp_state(model, optimizer, dp, tensors, meta)
+        _log(ctx, opts, f"resumed from {folder}: step {ledger.steps_done}, epsilon spent {ledger.epsilon_spent():.4g} "
+                        f"(saved by {meta['world_size']} rank(s), now {ctx.world_size})")
+    model.sync_check()
+
+    def load(idx: torch.Tensor):
+        x, y = dataset.get_batch(idx)
+        return x.to(ctx.device), y, idx, dp.step_index
+
+    dummy = (torch.zeros((1, *latent_shape(cfg)), device=ctx.device), torch.zeros(1, dtype=torch.int64),
+             torch.zeros(1, dtype=torch.int64), 0)
+    meta = {"config": cfg.to_dict(), "init_checkpoint": init_folder, "plan": plan}
+    unet.train()
+    done_here = 0
+    t_last = time.perf_counter()
+    stopped = False
+    while dp.step_index < cfg.privacy.steps:
+        run_logical_step(dp, load, cfg.privacy.physical_batch_size, lockstep=model.lockstep, dummy_batch=dummy,
+                         after_pass=model.after_backward if model.stage == 3 else None)
+        done_here += 1
+        s = dp.step_index
+        if opts.check_every and s % opts.check_every == 0:
+            model.sync_check()
+        if ctx.is_main and (s % cfg.train.log_every == 0 or s == cfg.privacy.steps):
+            now = time.perf_counter()
+            print(f"step {s}/{cfg.privacy.steps}  epsilon {ledger.epsilon_spent():.4g}  "
+                  f"{(now - t_last):.2f}s", flush=True)
+            t_last = now
+        want_stop = stop.raised or (ctx.is_main and (out / STOP_FILE).exists()) or \
+            (opts.stop_after and done_here >= opts.stop_after)
+        want_stop = ctx.all_reduce_max_int(int(bool(want_stop)))
+        if s % cfg.train.checkpoint_every == 0 or s == cfg.privacy.steps or want_stop:
+            save_dp_checkpoint(ctx, out, model, optimizer, dp, {**meta, "step": s}, keep=cfg.train.keep_checkpoints)
+        if want_stop and s < cfg.privacy.steps:
+            stopped = True
+            break
+    if stopped:
+        _log(ctx, opts, f"stopped at step {dp.step_index} (checkpoint written); rerun the same command to resume")
+        _log(ctx, opts, "RESULT_JSON " + json.dumps({"stopped": True, "step": dp.step_index,
+                                                     "epsilon": ledger.epsilon_spent()}))
+        return 0
+    if ctx.is_main:
+        (out / STOP_FILE).unlink(missing_ok=True)
+        model_dir = consolidate(out, out / "model")
+        print(f"consolidated single-process model: {model_dir}", flush=True)
+        print("RESULT_JSON " + json.dumps({"stopped": False, "step": dp.step_index, "epsilon": ledger.epsilon_spent(),
+                                           "model": str(model_dir)}), flush=True)
+    ctx.barrier()
+    return 0
+
+
+def options_from_args(args) -> RunOptions:
+    return RunOptions(config=args.config, overrides=list(args.set or []), zero=str(args.zero), out=args.out,
+                      resume=args.resume, dry_run=args.dry_run, hostfile=args.hostfile, world_size=args.world_size,
+                      synthetic_latents=args.synthetic_latents, sampling_seed=args.sampling_seed,
+                      noise_seed=args.noise_seed, stop_after=args.stop_after, backend=args.backend,
+                      check_every=args.check_every)
+
+
+def main_consolidate(checkpoint: str, out: str | None, init: str | None) -> int:
+    from dpldm.parallel.state import consolidate
+
+    target = Path(out) if out else Path(checkpoint) / "model"
+    folder = consolidate(checkpoint, target, init)
+    print(f"consolidated single-process model: {folder}")
+    return 0
+
+
+def exit_code_for(e: BaseException) -> int:
+    return 2 if isinstance(e, (PlanError,)) else 1
+
+
+__all__ = ["RunOptions", "run", "plan_only", "main_consolidate", "options_from_args", "math", "os", "sys"]

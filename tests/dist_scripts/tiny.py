@@ -1,0 +1,104 @@
+"""Tiny model/data shared by the multi-rank scripts and the single-process references in
+tests/test_distributed*.py (imported by both, so both build exactly the same thing)."""
+from __future__ import annotations
+
+import torch
+
+TINY = [
+    "unet.model_channels=16", "unet.channel_mult=[1,2]", "unet.attention_levels=[1]",
+    "unet.middle_attention=false", "unet.num_heads=2", "unet.context_dim=16", "unet.num_classes=10",
+    "autoencoder.base_channels=8", "autoencoder.channel_mult=[1,2,4]", "data.image_size=16",
+    "diffusion.timesteps=100", "diffusion.cond_drop_prob=0.0",
+    "privacy.backend=torch", "train.wandb=false",
+]
+N = 12  # private examples
+EXPECTED = 6  # q*N
+SAMPLING_SEED = 7
+CLIP = 1.5  # some per-example norms lie above, some below (checked by the test)
+PHYSICAL = 2
+
+
+def cfg(extra: list[str] | None = None):
+    from dpldm.config import load_config
+
+    return load_config(None, TINY + [f"privacy.expected_batch_size={EXPECTED}", f"privacy.max_grad_norm={CLIP}",
+                                     "privacy.noise_multiplier=1.0", f"privacy.physical_batch_size={PHYSICAL}",
+                                     "privacy.delta=1e-3"] + list(extra or []))
+
+
+def dataset(c):
+    from dpldm.data.loaders import InMemoryDataset
+    from dpldm.parallel.runner import latent_shape
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((N, *latent_shape(c)), generator=g)
+    y = torch.randint(0, c.data.num_classes, (N,), generator=g)
+    return InMemoryDataset(x, y, kind="latents", num_classes=c.data.num_classes)
+
+
+def init_state(c) -> dict[str, torch.Tensor]:
+    from dpldm.models.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(c.unet)
+    with torch.no_grad():  # the UNet zero-inits its output and proj_out layers: perturb so gradients flow
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def ae_state(c) -> dict[str, torch.Tensor]:
+    from dpldm.models.autoencoder import Autoencoder
+
+    torch.manual_seed(1)
+    return {k: v.clone() for k, v in Autoencoder(c.autoencoder).state_dict().items()}
+
+
+class ZeroNoise:
+    """'Noise off' for the DPStep (the ledger needs sigma > 0): draws exact zeros, counted."""
+
+    def __init__(self) -> None:
+        self.draws = 0
+
+    def draw(self, like, std, step):  # noqa: ARG002
+        self.draws += 1
+        return [torch.zeros_like(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in like]
+
+    def state_dict(self) -> dict:
+        return {"mode": "zero"}
+
+
+def reference_update(c, state, step: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Independent single-process reference: plain UNet (no DeepSpeed, no DP engine), the global
+    Poisson sample of `step`, one autograd gradient per example, clip to C, sum, / (q*N).
+    Returns (update by parameter name, per-example gradient norms)."""
+    from dpldm.diffusion.loss import per_example_loss
+    from dpldm.diffusion.schedule import DiffusionSchedule
+    from dpldm.models.selection import apply_finetune
+    from dpldm.models.unet import UNet
+    from dpldm.parallel.runner import per_example_draws
+    from dpldm.privacy.sampler import PoissonPlan
+
+    unet = UNet(c.unet)
+    unet.load_state_dict(state)
+    apply_finetune(unet, c.train.finetune)
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    sched = DiffusionSchedule.from_config(c.diffusion)
+    ds = dataset(c)
+    plan = PoissonPlan(N, EXPECTED / N, SAMPLING_SEED)
+    idx = plan.indices(step)
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    norms = []
+    for i in idx.tolist():
+        x, y = ds.get_batch(torch.tensor([i]))
+        t, noise, _ = per_example_draws(torch.tensor([i]), step, c.train.seed, 1, tuple(x.shape[1:]),
+                                        sched.num_timesteps, 0.0)
+        loss = per_example_loss(unet, x, y, sched, 1, t=t, noise=noise).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+        norms.append(norm)
+        coef = min(1.0, c.privacy.max_grad_norm / (norm + 1e-6))
+        for (n, _), g in zip(params.items(), grads):
+            total[n] += coef * g.double()
+    return {n: (v / (plan.expected_batch_size)).float() for n, v in total.items()}, norms
