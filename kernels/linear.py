@@ -1,62 +1,116 @@
 """Per-example gradient norms and clipped sums for Linear layers (the attention projections).
 
 Shapes: A (B, T, d_in) layer inputs, G (B, T, d_out) gradients of the layer outputs, optional
-mask (B, T) of 0/1 rows. A Linear on vectors is the case T = 1. The per-example weight gradient
-is G_i^T A_i (d_out, d_in); it is never stored for the whole batch by the ghost path.
+mask (B, T) of 0/1 rows. A Linear on vectors is the case T = 1 (2-D A, G and a (B,) mask are
+accepted). The per-example weight gradient is G_i^T A_i (d_out, d_in).
 
     ghost:       ||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>       cost B*T^2*(d_in + d_out)
+    fused:       sum of squares of G_i^T A_i, tile by tile          cost B*T*d_in*d_out, memory O(B + tile)
     materialize: sum((G_i^T A_i)^2)                                cost B*T*d_in*d_out, memory B*d_in*d_out
     clipped sum: sum_i c_i G_i^T A_i = (c * G)^T A over B*T rows    one GEMM
+    bias:        per-example bias grad sum_t G_it; its norm is added when bias=True
 
-This module holds the plain-PyTorch reference; faster backends register in `kernels.dispatch`.
+This module holds the plain-PyTorch references (`*_torch`) and the thin wrappers of the C++
+(`dpldm._C`, csrc/linear_ops.cpp) and CUDA (`dpldm._cuda`, csrc/cuda/) ops; the Triton kernels
+are in the paired module kernels/linear_triton.py. Dispatch is in kernels/__init__.py.
+
+Dtypes: fp16/bf16 inputs are accumulated in fp32 and the results are fp32; fp32 -> fp32,
+fp64 -> fp64 (every backend).
 """
 from __future__ import annotations
 
 import torch
 
 GHOST_BLOCK = 256  # rows of the T x T Gram tiles in the ghost reference (bounds its memory)
+FUSED_BLOCK = 64   # d_out rows per materialised slab in the torch "fused" reference
+METHODS = ("auto", "ghost", "fused", "materialize")
 
 
-def _as_sequence(A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None):
-    if A.dim() == 2:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / result dtype: fp32 for fp16/bf16, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def normalize_inputs(A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None):
+    """Validate and bring inputs to A (B,T,d_in), G (B,T,d_out) of one dtype, mask (B,T) or None."""
+    if not (isinstance(A, torch.Tensor) and isinstance(G, torch.Tensor)):
+        raise TypeError("A and G must be torch tensors")
+    if A.dim() == 2 and G.dim() == 2:
         A, G = A.unsqueeze(1), G.unsqueeze(1)  # (B, d) -> (B, 1, d)
         if mask is not None and mask.dim() == 1:
             mask = mask.unsqueeze(1)
     if A.dim() != 3 or G.dim() != 3 or A.shape[:2] != G.shape[:2]:
         raise ValueError(f"expected A (B,T,d_in) and G (B,T,d_out) with equal B,T; got {tuple(A.shape)} and {tuple(G.shape)}")
+    if A.device != G.device:
+        raise ValueError(f"A and G must be on one device, got {A.device} and {G.device}")
+    if not (A.is_floating_point() and G.is_floating_point()):
+        raise TypeError(f"A and G must be floating point, got {A.dtype} and {G.dtype}")
+    if A.dtype != G.dtype:
+        dt = torch.promote_types(A.dtype, G.dtype)
+        A, G = A.to(dt), G.to(dt)
     if mask is not None:
         if mask.shape != A.shape[:2]:
             raise ValueError(f"mask must have shape (B,T)={tuple(A.shape[:2])}, got {tuple(mask.shape)}")
-        G = G * mask.to(G.dtype).unsqueeze(-1)  # masked rows contribute nothing
-    return A, G
+        if mask.device != A.device:
+            raise ValueError(f"mask must be on {A.device}, got {mask.device}")
+    return A, G, mask
 
 
-def choose_method(T: int, d_in: int, d_out: int) -> str:
-    """Ghost when its T^2 Gram work is smaller than materialising d_in*d_out (design rule)."""
-    return "ghost" if 2 * T * T < d_in * d_out else "materialize"
+def _check_coef(coef: torch.Tensor, B: int, device: torch.device) -> None:
+    if not isinstance(coef, torch.Tensor) or coef.shape != (B,):
+        raise ValueError(f"coef must be a tensor of shape (B,)=({B},), got {getattr(coef, 'shape', type(coef))}")
+    if coef.device != device:
+        raise ValueError(f"coef must be on {device}, got {coef.device}")
 
 
+def choose_method(T: int, d_in: int, d_out: int, backend: str = "torch") -> str:
+    """Norm method for a layer.
+
+    torch (the reference): ghost when its B*T^2 Gram memory is below materialising B*d_in*d_out
+    (design rule 2*T^2 < d_in*d_out), else "materialize". The other backends never materialise,
+    so they compare work instead: ghost (T^2*(d_in+d_out)) when T*(d_in+d_out) < d_in*d_out,
+    else "fused" (T*d_in*d_out)."""
+    if backend in ("torch", "auto"):
+        return "ghost" if 2 * T * T < d_in * d_out else "materialize"
+    return "ghost" if T * (d_in + d_out) < d_in * d_out else "fused"
+
+
+def resolve_method(method: str, T: int, d_in: int, d_out: int, backend: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return choose_method(T, d_in, d_out, backend)
+    if backend != "torch" and method == "materialize":
+        return "fused"  # same numbers; the accelerated backends never write the per-example stack
+    return method
+
+
+# ---- plain-PyTorch references ---------------------------------------------------------------
 def per_example_sqnorm_linear_torch(A: torch.Tensor, G: torch.Tensor, *, bias: bool = False,
                                     mask: torch.Tensor | None = None, method: str = "auto") -> torch.Tensor:
     """(B,) squared Frobenius norms of the per-example gradients of a Linear layer (+ bias)."""
-    A, G = _as_sequence(A, G, mask)
+    A, G, mask = normalize_inputs(A, G, mask)
     B, T, d_in = A.shape
     d_out = G.shape[-1]
-    acc = torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype
+    acc = acc_dtype(A.dtype)
     A, G = A.to(acc), G.to(acc)
-    if method == "auto":
-        method = choose_method(T, d_in, d_out)
+    if mask is not None:
+        G = G * mask.to(acc).unsqueeze(-1)  # masked rows contribute nothing
+    method = resolve_method(method, T, d_in, d_out, "torch")
     if method == "ghost":
         out = A.new_zeros(B)
         for s in range(0, T, GHOST_BLOCK):  # tiles of rows of the T x T Gram matrices
             a_gram = torch.bmm(A[:, s:s + GHOST_BLOCK], A.transpose(1, 2))  # (B, tile, T)
             g_gram = torch.bmm(G[:, s:s + GHOST_BLOCK], G.transpose(1, 2))  # (B, tile, T)
             out += (a_gram * g_gram).sum(dim=(1, 2))
-    elif method in ("materialize", "fused"):
+    elif method == "materialize":
         per_example = torch.bmm(G.transpose(1, 2), A)  # (B, d_out, d_in)
         out = per_example.pow(2).sum(dim=(1, 2))
-    else:
-        raise ValueError(f"method must be auto|ghost|materialize|fused, got {method!r}")
+    else:  # "fused" reference: the same sum, one (B, 64, d_in) slab of the stack at a time
+        out = A.new_zeros(B)
+        for o in range(0, d_out, FUSED_BLOCK):
+            slab = torch.bmm(G[:, :, o:o + FUSED_BLOCK].transpose(1, 2), A)  # (B, tile, d_in)
+            out += slab.pow(2).sum(dim=(1, 2))
     if bias:
         out = out + G.sum(dim=1).pow(2).sum(dim=1)  # (B, d_out) bias gradients
     return out
@@ -65,12 +119,41 @@ def per_example_sqnorm_linear_torch(A: torch.Tensor, G: torch.Tensor, *, bias: b
 def clipped_sum_linear_torch(A: torch.Tensor, G: torch.Tensor, coef: torch.Tensor, *, bias: bool = False,
                              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sum_i coef_i G_i^T A_i as (d_out, d_in), and sum_i coef_i sum_t G_it as (d_out,) if bias."""
-    A, G = _as_sequence(A, G, mask)
+    A, G, mask = normalize_inputs(A, G, mask)
     B, T, d_in = A.shape
     d_out = G.shape[-1]
-    if coef.shape != (B,):
-        raise ValueError(f"coef must have shape (B,)={B}, got {tuple(coef.shape)}")
-    Gc = G * coef.to(G.dtype).view(B, 1, 1)  # (B, T, d_out)
+    _check_coef(coef, B, A.device)
+    acc = acc_dtype(A.dtype)
+    A, G = A.to(acc), G.to(acc)
+    scale = coef.to(acc).view(B, 1, 1)
+    if mask is not None:
+        scale = scale * mask.to(acc).unsqueeze(-1)
+    Gc = G * scale  # (B, T, d_out)
     weight = Gc.reshape(B * T, d_out).t() @ A.reshape(B * T, d_in)  # (d_out, d_in)
     bias_sum = Gc.sum(dim=(0, 1)) if bias else None
     return weight, bias_sum
+
+
+def per_example_sqnorm_linear_loop(A: torch.Tensor, G: torch.Tensor, *, bias: bool = False,
+                                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Slow float64 per-example loop (the tests' ground truth): builds each G_i^T A_i."""
+    A, G, mask = normalize_inputs(A, G, mask)
+    out = torch.zeros(A.shape[0], dtype=torch.float64)
+    for i in range(A.shape[0]):
+        a, g = A[i].double().cpu(), G[i].double().cpu()
+        if mask is not None:
+            g = g * mask[i].double().cpu().unsqueeze(-1)
+        out[i] = (g.t() @ a).pow(2).sum() + (g.sum(0).pow(2).sum() if bias else 0.0)
+    return out
+
+
+# ---- C++ (dpldm._C) and CUDA (dpldm._cuda) wrappers ---------------------------------------------
+def per_example_sqnorm_linear_ext(ext, A, G, *, bias=False, mask=None, method="fused"):
+    """Call the extension op; inputs already normalised; method is "ghost" or "fused"."""
+    fn = ext.sqnorm_linear_ghost if method == "ghost" else ext.sqnorm_linear_fused
+    return fn(A, G, mask, bool(bias))
+
+
+def clipped_sum_linear_ext(ext, A, G, coef, *, bias=False, mask=None):
+    res = ext.clipped_sum_linear(A, G, coef, mask, bool(bias))
+    return res[0], (res[1] if bias else None)

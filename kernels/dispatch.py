@@ -1,0 +1,147 @@
+"""Backend discovery and selection for dpldm.kernels.
+
+backend = "auto" | "torch" | "triton" | "cpp" | "cuda"
+  torch   plain PyTorch reference (always available, any device)
+  triton  Triton kernels (kernels/*_triton.py): CUDA tensors, or CPU tensors when the Triton
+          interpreter is on (TRITON_INTERPRET=1 before the first Triton use; slow, for tests)
+  cpp     the C++/OpenMP extension dpldm._C (csrc/*.cpp): CPU tensors
+  cuda    the CUDA extension dpldm._cuda (csrc/cuda/*.cu): CUDA tensors, built only where
+          torch has CUDA
+  auto    on a CUDA tensor: triton, else cuda, else torch; on a CPU tensor: cpp, else torch.
+          Falling back to torch because an accelerated backend is missing is said once (a
+          RuntimeWarning naming the reason).
+Asking for a backend that cannot run on the tensor at hand raises BackendUnavailableError with
+the reason.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested kernel backend cannot run here; the message says why."""
+
+
+@lru_cache(maxsize=None)
+def _import(name: str):
+    """(module or None, reason)."""
+    try:
+        return importlib.import_module(name), ""
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available", with its reason
+        return None, f"{type(e).__name__}: {e}"
+
+
+def cpp_ext():
+    """The dpldm._C module or None."""
+    return _import("dpldm._C")[0]
+
+
+def cuda_ext():
+    """The dpldm._cuda module or None."""
+    return _import("dpldm._cuda")[0]
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def why_unavailable(backend: str, device=None) -> str | None:
+    """None when `backend` can run on tensors of `device` (default CPU), else the reason."""
+    dev = _device(device)
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        mod, err = _import("dpldm._C")
+        if mod is None:
+            return ("the C++ extension dpldm._C is not built (build it with `python setup.py build_ext "
+                    f"--inplace` or `pip install --no-build-isolation -e .`; import said: {err})")
+        if dev.type != "cpu":
+            return f"the C++ extension runs on CPU tensors, got a {dev.type} tensor"
+        return None
+    if backend == "cuda":
+        if dev.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors, got a {dev.type} tensor"
+        mod, err = _import("dpldm._cuda")
+        if mod is None:
+            why = "torch has no CUDA" if torch.version.cuda is None else (
+                "it was skipped (DPLDM_SKIP_CUDA_BUILD=1) or failed to build")
+            return f"the CUDA extension dpldm._cuda is not built ({why}; import said: {err})"
+        return None
+    if backend == "triton":
+        mod, err = _import("triton")
+        if mod is None:
+            return f"triton is not importable ({err})"
+        if dev.type == "cuda":
+            return None
+        if dev.type == "cpu" and triton_interpreting():
+            return None
+        return (f"Triton kernels need CUDA tensors (got a {dev.type} tensor); on CPU they run only under "
+                "the interpreter, TRITON_INTERPRET=1 set before the first Triton use (slow; for tests)")
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def available_backends(device=None) -> tuple[str, ...]:
+    """Concrete backends that can run on tensors of `device` (default CPU), best first for auto."""
+    dev = _device(device)
+    order = ("triton", "cuda", "torch") if dev.type == "cuda" else ("cpp", "triton", "torch")
+    return tuple(b for b in order if why_unavailable(b, dev) is None)
+
+
+_warned: set[str] = set()
+
+
+def _say_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(backend: str, device=None) -> str:
+    """The concrete backend for `backend` on `device`; raises BackendUnavailableError (with the
+    reason) when an explicitly requested backend cannot run there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = _device(device)
+    if backend == "auto":
+        if dev.type == "cuda":
+            for b in ("triton", "cuda"):
+                if why_unavailable(b, dev) is None:
+                    return b
+            _say_once("cuda", "dpldm.kernels: neither Triton nor the CUDA extension is available for CUDA "
+                              f"tensors ({why_unavailable('triton', dev)}; {why_unavailable('cuda', dev)}); "
+                              "using the torch backend")
+            return "torch"
+        if dev.type == "cpu":
+            why = why_unavailable("cpp", dev)
+            if why is None:
+                return "cpp"
+            _say_once("cpu", f"dpldm.kernels: {why}; using the torch backend")
+        return "torch"
+    why = why_unavailable(backend, dev)
+    if why is not None:
+        raise BackendUnavailableError(f"kernel backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+def backend_report() -> dict[str, str]:
+    """{backend: "available" or the reason it is not}, for CPU and (when present) CUDA tensors."""
+    out = {}
+    devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for d in devs:
+        for b in BACKENDS[1:]:
+            why = why_unavailable(b, d)
+            out[f"{b}@{d}"] = "available" if why is None else why
+    return out
