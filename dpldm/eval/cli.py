@@ -1,0 +1,201 @@
+"""`dpldm evaluate`: FID (with its sample count), KID and downstream accuracy of synthetic samples.
+
+    dpldm evaluate --samples samples.npz --real mnist_train.npz --real-test mnist_test.npz \\
+        [--fid-samples 1000] [--no-fid] [--json out.json] [--cache-dir .cache/eval]
+    dpldm evaluate --full --device cuda --samples ... --real ... --real-test ...   # GPU, all samples
+
+PATH is an `.npz` with `images` (uint8 (N, H, W) or (N, H, W, C)) and, optionally, `labels`
+((N,) ints), or a folder of PNG files (labels from integer-named sub-folders: `3/img.png`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from dpldm.cli import UserError
+
+DEFAULT_CACHE = ".cache/dpldm-eval"
+DEFAULT_CPU_FID_SAMPLES = 1000
+IMAGE_SUFFIXES = (".png",)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", required=True, help="synthetic samples: .npz (images, labels) or PNG folder")
+    p.add_argument("--real", help="real *training* split (FID/KID reference): .npz or PNG folder")
+    p.add_argument("--real-test", help="real test split with labels, for the downstream accuracy")
+    p.add_argument("--fid-samples", type=int, default=None,
+                   help=f"synthetic samples for FID/KID (default {DEFAULT_CPU_FID_SAMPLES}; "
+                        f"all with --full)")
+    p.add_argument("--real-samples", type=int, default=None,
+                   help="real training images for FID/KID (default: same as --fid-samples)")
+    p.add_argument("--no-fid", action="store_true", help="skip FID/KID (downstream accuracy only)")
+    p.add_argument("--full", action="store_true",
+                   help="full-size evaluation for GPU machines: all samples and all real images")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] for Inception (default auto)")
+    p.add_argument("--batch-size", type=int, default=None, help="Inception batch (default 32 CPU, 200 GPU)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"feature cache (default {DEFAULT_CACHE})")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the downstream task (default: max synthetic label + 1)")
+    p.add_argument("--classifier-epochs", type=int, default=None, help="max epochs (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", help="write the results to this JSON file (atomic)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check_images(images: np.ndarray, where: str) -> np.ndarray:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        dtype = getattr(images, "dtype", type(images).__name__)
+        raise UserError(f"{where}: 'images' must be uint8 (0..255), got {dtype}")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise UserError(f"{where}: 'images' must have shape (N, H, W) or (N, H, W, C) with C in "
+                        f"1/3/4, got {images.shape}")
+    if images.shape[0] == 0:
+        raise UserError(f"{where}: no images")
+    return images
+
+
+def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n:
+        raise UserError(f"{where}: 'labels' must have shape ({n},) to match the images, got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{where}: 'labels' must be integers, got {labels.dtype}")
+    if n and labels.min() < 0:
+        raise UserError(f"{where}: label out of range: {int(labels.min())} < 0")
+    return labels.astype(np.int64)
+
+
+def _load_png_folder(folder: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    from PIL import Image
+
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise UserError(f"{folder}: no PNG files found")
+    images, shape = [], None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L") if im.mode in ("1", "L", "I", "I;16", "P", "LA") else im.convert("RGB")
+                arr = np.asarray(im, dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - any decode failure is bad input
+            raise UserError(f"{f}: cannot read image ({e})") from None
+        if shape is None:
+            shape = arr.shape
+        elif arr.shape != shape:
+            raise UserError(f"{f}: image shape {arr.shape} differs from the first image's {shape}")
+        images.append(arr)
+    parents = [f.parent.relative_to(folder).parts for f in files]
+    labels = None
+    if all(len(p) >= 1 and p[0].isdigit() for p in parents):
+        labels = np.array([int(p[0]) for p in parents], dtype=np.int64)
+    return np.stack(images), labels
+
+
+def load_images(path: str, what: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(images uint8, labels or None) from an .npz (`images`, `labels`) or a PNG folder."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what}: no such file or folder: {path}")
+    if p.is_dir():
+        images, labels = _load_png_folder(p)
+    elif p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                keys = list(z.keys())
+                if "images" not in keys:
+                    raise UserError(f"{what}: {path} has no 'images' array (found: {', '.join(keys) or 'none'})")
+                images = z["images"]
+                labels = z["labels"] if "labels" in keys else None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{what}: cannot read {path} as .npz ({e})") from None
+    else:
+        raise UserError(f"{what}: {path} is neither an .npz file nor a folder of PNGs")
+    images = _check_images(images, f"{what} ({path})")
+    if labels is not None:
+        labels = _check_labels(labels, len(images), f"{what} ({path})")
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpldm.eval.classifier import ClassifierConfig
+    from dpldm.eval.evaluate import evaluate_synthetic
+
+    compute_fid = not args.no_fid
+    if compute_fid and not args.real:
+        raise UserError("--real (the real training split) is needed for FID/KID; or pass --no-fid")
+    if not compute_fid and not args.real_test:
+        raise UserError("nothing to do: --no-fid and no --real-test")
+    samples, labels = load_images(args.samples, "--samples")
+    real = load_images(args.real, "--real")[0] if (compute_fid and args.real) else None
+    real_test = None
+    if args.real_test:
+        test_images, test_labels = load_images(args.real_test, "--real-test")
+        if test_labels is None:
+            raise UserError(f"--real-test ({args.real_test}): needs 'labels' for the downstream accuracy")
+        if labels is None:
+            raise UserError(f"--samples ({args.samples}): needs 'labels' for the downstream accuracy "
+                            f"(or leave out --real-test)")
+        real_test = (test_images, test_labels)
+    for flag, value in (("--fid-samples", args.fid_samples), ("--real-samples", args.real_samples)):
+        if value is not None and value < 2:
+            raise UserError(f"{flag} must be >= 2, got {value}")
+    if args.full:
+        if args.fid_samples is not None or args.real_samples is not None:
+            raise UserError("--full uses all samples; drop --fid-samples/--real-samples")
+        n_fid, n_real = None, None
+    else:
+        n_fid = args.fid_samples if args.fid_samples is not None else DEFAULT_CPU_FID_SAMPLES
+        n_real = args.real_samples
+    if compute_fid:
+        from dpldm.eval.inception import resolve_device
+
+        dev = resolve_device(args.device)
+        if args.full and dev == "cpu":
+            n_img = len(samples) + len(real)
+            print(f"warning: --full on CPU runs Inception on {n_img} images (~{n_img / 4 / 60:.0f} min "
+                  f"at ~4 images/s on 2 cores); --full is meant for GPU machines", file=sys.stderr)
+    cfg_kwargs = {"seed": args.seed}
+    if args.classifier_epochs is not None:
+        cfg_kwargs["epochs"] = args.classifier_epochs
+    result = evaluate_synthetic(
+        samples, labels, real, real_test, n_fid=n_fid, cache_dir=None if args.no_cache else args.cache_dir,
+        n_real=n_real, device=args.device, batch_size=args.batch_size, compute_fid=compute_fid,
+        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+        classifier_config=ClassifierConfig(**cfg_kwargs), num_classes=args.num_classes,
+        seed=args.seed, progress=not args.quiet and sys.stderr.isatty(), log=print)
+    result.update({"samples_path": str(args.samples), "real_path": args.real,
+                   "real_test_path": args.real_test, "n_samples_total": int(len(samples)),
+                   "full": bool(args.full)})
+    print(summary_line(result))
+    if args.json_out:
+        from dpldm.utils.io import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def summary_line(r: dict) -> str:
+    parts = []
+    if "fid" in r:
+        parts.append(f"FID {r['fid']:.2f} (n={r['fid_n_samples']} vs {r['fid_n_real']} real)")
+        parts.append(f"KID {r['kid']:.4f} +- {r['kid_std']:.4f}")
+    if "accuracy" in r:
+        parts.append(f"accuracy {100 * r['accuracy']:.2f}% (n_test={r['n_test_real']})")
+    return "result: " + ", ".join(parts)
