@@ -18,6 +18,7 @@ x is float32: images (B, C, H, W) in [-1, 1]; latents (B, C, h, w) as stored. y 
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import os
@@ -89,7 +90,8 @@ class PrivateIndexedDataset:
         self.spec = self.folder.spec
         self.verify = verify
         self._checked: set[int] = set()
-        self._offsets = self.folder.offsets
+        self._offsets = self.folder.offsets.tolist()
+        self._paths = [str(self.folder.shard_path(k)) for k in range(len(self.folder.shards))]
         links = tempfile.mkdtemp(prefix="dpldm-wids-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, links, True)
         shardlist = [{"url": str(self.folder.shard_path(k).resolve()), "nsamples": s.nsamples}
@@ -110,14 +112,14 @@ class PrivateIndexedDataset:
         self._cleanup()
 
     def _shard_of(self, index: int) -> int:
-        return int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return bisect.bisect_right(self._offsets, index) - 1
 
     def get(self, index: int) -> tuple[np.ndarray, int]:
         """(stored example, label) of global index `index`."""
         if not (0 <= index < len(self)):
             raise IndexError(f"example index {index} outside [0, {len(self)})")
         k = self._shard_of(index)
-        path = str(self.folder.shard_path(k))
+        path = self._paths[k]
         if k not in self._checked:
             self.folder.check_shard(k, self.verify)
             self._checked.add(k)
@@ -125,9 +127,10 @@ class PrivateIndexedDataset:
             sample = self._wids[index]
         except ShardError:
             raise
-        except Exception as e:  # noqa: BLE001 - wids/tar failure: say where
-            raise ShardError(f"cannot read sample ({type(e).__name__}: {e}); {diagnose_tar(Path(path))[1]}",
-                             shard=path, key=sample_key(index)) from None
+        except Exception as e:  # noqa: BLE001 - wids/tar failure: say where (the broken sample, if found)
+            key, why = diagnose_tar(Path(path))
+            raise ShardError(f"cannot read shard for sample {sample_key(index)!r} ({type(e).__name__}: "
+                             f"{str(e)[:200]}); {why}", shard=path, key=key or sample_key(index)) from None
         return decode_sample(sample, self.spec, shard=path, expected_key=sample_key(index))
 
     def get_batch(self, indices: torch.Tensor) -> Batch:

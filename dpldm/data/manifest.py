@@ -68,19 +68,30 @@ def class_histogram(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
 
 
-def diagnose_tar(path: Path) -> tuple[str | None, str]:
-    """Read a tar with the standard library: (key of the first broken sample or None, what is wrong)."""
-    last_key, n = None, 0
+def diagnose_tar(path: Path, members_per_sample: int = 2) -> tuple[str | None, str]:
+    """Read a tar with the standard library: (key of the first broken sample or None, what is wrong).
+    Our samples have `members_per_sample` members (payload + .cls)."""
+    last_key, n, seen = None, 0, 0  # seen: members of last_key read so far
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
                 key = m.name.split(".", 1)[0]
                 data = tf.extractfile(m).read() if m.isreg() else b""
                 if m.isreg() and len(data) != m.size:
-                    return key, f"member {m.name!r} truncated; last intact sample {last_key!r}"
+                    return key, f"member {m.name!r} truncated after {n} intact members"
+                seen = seen + 1 if key == last_key else 1
                 last_key, n = key, n + 1
+            end = tf.offset  # where the members stop; the rest must be end-of-archive zeros
     except (tarfile.TarError, OSError, EOFError) as e:
-        return _next_key(last_key), f"unreadable after {n} members ({e}); last intact sample {last_key!r}"
+        broken = last_key if (last_key is not None and seen < members_per_sample) else _next_key(last_key)
+        return broken, f"unreadable after {n} intact members ({e}); first incomplete sample {broken!r}"
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read()
+    if tail.strip(b"\0"):
+        broken = last_key if (last_key is not None and seen < members_per_sample) else _next_key(last_key)
+        return broken, (f"invalid tar header at byte {end} after {n} intact members; "
+                        f"first unreadable sample {broken!r}")
     return None, f"tar reads cleanly ({n} members, last sample {last_key!r})"
 
 
