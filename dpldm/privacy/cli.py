@@ -23,10 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     from dpldm.cli import UserError
     from dpldm.privacy.accountant import (PrivacyParameterError, calibrate_noise, check_delta, check_sample_rate,
                                           compute_epsilon)
 
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # opacus RDP, harmless
     try:
         if args.num_examples is not None and args.num_examples < 1:
             raise PrivacyParameterError(f"--num-examples must be >= 1, got {args.num_examples}")
