@@ -19,9 +19,14 @@ ImagesAndLabels = Sequence  # (images, labels)
 
 
 def subset_indices(n_total: int, n: Optional[int], seed: int = 0) -> np.ndarray:
-    """The first n of a seeded permutation (all of them, permuted, when n is None or >= total)."""
-    perm = np.random.default_rng(seed).permutation(n_total)
-    return perm if n is None or n >= n_total else perm[:n]
+    """Sorted indices of a seeded random subset of size n (all, in order, when n is None or >= total).
+
+    Sorted, so the subset keeps the input order and "all" is the input itself: features cached
+    for an array are reused whenever the same array (or subset) is evaluated again.
+    """
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
 
 
 def _split_pair(value, name: str):
