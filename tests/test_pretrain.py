@@ -1,0 +1,119 @@
+"""pretrain-ae / pretrain-ldm / sample through the CLI on a tiny config: they finish, resume
+continues from the saved step and lands on the same weights as an uninterrupted run."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpldm.checkpoint import list_step_checkpoints, load_checkpoint
+from dpldm.cli import main
+from dpldm.models.ldm import load_autoencoder, load_ldm
+
+TINY = [
+    "autoencoder.base_channels=8", "autoencoder.channel_mult=[1,2,2]", "autoencoder.latent_channels=2",
+    "unet.in_channels=2", "unet.model_channels=8", "unet.num_heads=2", "unet.context_dim=8",
+    "diffusion.timesteps=20", "diffusion.sample_steps=2",
+    "data.public_size=96",
+    "train.batch_size=6", "train.ae_batch_size=6", "train.checkpoint_every=2", "train.log_every=1",
+    "train.threads=1", "train.warmup_steps=2", "train.keep_checkpoints=5",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(*args: str, steps: dict[str, int] | None = None) -> int:
+    sets = TINY + [f"train.{k}={v}" for k, v in (steps or {}).items()]
+    argv = [args[0]] + [a for s in sets for a in ("--set", s)] + list(args[1:])  # the test's own --set last
+    return main(argv)
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder)[0]
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 4-step AE and LDM run, and the same runs cut at step 2 and resumed."""
+    root = tmp_path_factory.mktemp("pretrain")
+    torch.set_num_threads(1)
+    assert cli("pretrain-ae", "--out", str(root / "ae"), "--no-wandb", steps={"ae_steps": 4}) == 0
+    assert cli("pretrain-ae", "--out", str(root / "ae_cut"), "--no-wandb", steps={"ae_steps": 2}) == 0
+    assert cli("pretrain-ae", "--out", str(root / "ae_cut"), "--no-wandb", "--resume", steps={"ae_steps": 4}) == 0
+    ae = str(root / "ae" / "model")
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm"), "--no-wandb", steps={"steps": 4}) == 0
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cut"), "--no-wandb", steps={"steps": 2}) == 0
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cut"), "--no-wandb", "--resume",
+               steps={"steps": 4}) == 0
+    return root
+
+
+def test_pretrain_ae_finishes_and_resume_matches_uninterrupted(runs, capsys):
+    ae, cfg, meta = load_autoencoder(runs / "ae")
+    assert cfg.autoencoder.base_channels == 8 and meta["kind"] == "autoencoder" and meta["steps"] == 4
+    assert np.isfinite(meta["heldout_mse"])
+    assert [p.name for p in list_step_checkpoints(runs / "ae_cut")] == ["step_00000002", "step_00000004"]
+    assert_same_tensors(tensors_of(runs / "ae" / "model"), tensors_of(runs / "ae_cut" / "model"))
+    saved = json.loads((runs / "ae" / "config.json").read_text())
+    assert saved["train"]["ae_steps"] == 4 and saved["train"]["wandb"] is False
+
+
+def test_pretrain_ldm_finishes_and_resume_matches_uninterrupted(runs):
+    ldm = load_ldm(runs / "ldm")
+    assert ldm.meta["steps"] == 4 and ldm.ema.num_updates == 4
+    assert 0 < ldm.scale_factor < 1e6
+    assert [p.name for p in list_step_checkpoints(runs / "ldm_cut")] == ["step_00000002", "step_00000004"]
+    a, b = tensors_of(runs / "ldm" / "model"), tensors_of(runs / "ldm_cut" / "model")
+    assert_same_tensors(a, b)
+    assert not torch.equal(a["unet.out.2.weight"], a["ema.out.2.weight"])  # EMA is its own average
+    assert (runs / "ldm" / "samples.png").is_file()
+
+
+def test_resume_refusals_and_config_errors(runs, tmp_path, capsys):
+    # an existing run folder is not overwritten without --resume
+    assert cli("pretrain-ae", "--out", str(runs / "ae"), "--no-wandb", steps={"ae_steps": 4}) == 2
+    assert "--resume" in capsys.readouterr().err
+    # resuming with a different model is refused, naming the key
+    assert cli("pretrain-ae", "--out", str(runs / "ae_cut"), "--no-wandb", "--resume",
+               "--set", "autoencoder.latent_channels=3", "--set", "unet.in_channels=3", steps={"ae_steps": 6}) == 2
+    assert "autoencoder.latent_channels" in capsys.readouterr().err
+    assert cli("pretrain-ae", "--out", str(tmp_path / "x"), "--set", "unet.model_channels=12") == 2
+    assert "unet.model_channels" in capsys.readouterr().err
+    assert cli("pretrain-ldm", "--autoencoder", str(runs / "ae"), "--out", str(tmp_path / "y"),
+               "--set", "autoencoder.base_channels=16") == 2
+    assert "autoencoder.base_channels" in capsys.readouterr().err
+
+
+def test_sample_command_writes_one_row_per_class(runs, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(runs / "ldm"), "--classes", "0,3", "--n", "3", "--out", str(out),
+                 "--steps", "2", "--upscale", "1", "--guidance", "2.0"]) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == (2 * (32 + 2) + 2, 3 * (32 + 2) + 2)  # 2 rows (classes) x 3 columns, 2 px padding
+    assert main(["sample", "--checkpoint", str(runs / "ldm"), "--classes", "0,99", "--out", str(out)]) == 2
+    assert "99" in capsys.readouterr().err
+
+
+def test_wandb_offline_files_stay_in_the_run_folder(tmp_path, monkeypatch):
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    assert cli("pretrain-ae", "--out", str(run), steps={"ae_steps": 1}) == 0
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
+    assert not (tmp_path / "elsewhere").exists()
