@@ -79,10 +79,13 @@ class PrivateIndexedDataset:
     verify: "sha256" (default) hashes each shard once, when first touched, against the index;
     "size" only compares file sizes. Every sample is checked against its expected key, dtype,
     shape, finiteness and label range (ShardError naming the shard and key otherwise).
-    expected_ae_hash: for latent folders, refuse latents made by another autoencoder."""
+    expected_ae_hash: for latent folders, refuse latents made by another autoencoder.
+    lru_size: shards kept open (memory-mapped + indexed by wids; ~0.3 KiB of index per example);
+    default all shards up to 64. Poisson steps touch every shard, so fewer open shards than
+    shards means re-indexing shards every step (about 5x slower in bench/data.py)."""
 
     def __init__(self, folder: str | Path, *, expected_ae_hash: str | None = None, verify: str = "sha256",
-                 lru_size: int = 16):
+                 lru_size: int | None = None):
         import wids
 
         self.folder: ShardFolder = open_shard_folder(folder, expected_ae_hash)
@@ -98,7 +101,7 @@ class PrivateIndexedDataset:
                      for k, s in enumerate(self.folder.shards)]
         with contextlib.redirect_stderr(io.StringIO()):  # wids prints a banner on every construction
             self._wids = wids.ShardListDataset(shardlist, localname=_SymlinkLocalname(links), transformations=[],
-                                               lru_size=max(1, min(lru_size, len(shardlist))))
+                                               lru_size=max(1, min(lru_size or 64, len(shardlist))))
 
     def __len__(self) -> int:
         return self.folder.num_examples
