@@ -29,14 +29,12 @@ def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
         if not line:
             continue
         parts = line.split()
-        slots = 1
-        for extra in parts[1:]:
-            if not extra.startswith("slots="):
-                raise PlanError(f"{p}:{k}: expected '<host> slots=<N>', got {raw.strip()!r}")
-            try:
-                slots = int(extra[len("slots="):])
-            except ValueError:
-                raise PlanError(f"{p}:{k}: slots must be an integer, got {raw.strip()!r}") from None
+        if len(parts) != 2 or not parts[1].startswith("slots="):
+            raise PlanError(f"{p}:{k}: expected '<host> slots=<N>', got {raw.strip()!r}")
+        try:
+            slots = int(parts[1][len("slots="):])
+        except ValueError:
+            raise PlanError(f"{p}:{k}: slots must be an integer, got {raw.strip()!r}") from None
         if slots < 1:
             raise PlanError(f"{p}:{k}: slots must be >= 1")
         if any(h == parts[0] for h, _ in hosts):

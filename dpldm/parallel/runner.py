@@ -18,11 +18,9 @@ example index), so the result does not depend on how the sample is split over ra
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +61,9 @@ def latent_shape(cfg: RunConfig) -> tuple[int, int, int]:
     return (cfg.autoencoder.latent_channels, cfg.data.image_size // f, cfg.data.image_size // f)
 
 
-def open_private(cfg: RunConfig, opts: RunOptions):
-    """The private latent set (an IndexedDataset): a latent shard folder, or synthetic latents."""
+def open_private(cfg: RunConfig, opts: RunOptions, expected_ae_hash: str | None = None):
+    """The private latent set (an IndexedDataset): a latent shard folder written by the latent
+    cache with the init model's autoencoder (checked by hash), or synthetic latents."""
     from dpldm.data.loaders import InMemoryDataset, open_private_dataset
 
     if opts.synthetic_latents:
@@ -76,7 +75,7 @@ def open_private(cfg: RunConfig, opts: RunOptions):
     if not folder.is_dir():
         raise PlanError(f"data.private={cfg.data.private!r} is not a latent shard folder; encode the private set "
                         "first (its latents are what the ranks read) or pass --synthetic-latents N for a smoke run")
-    ds = open_private_dataset(folder)
+    ds = open_private_dataset(folder, expected_ae_hash=expected_ae_hash)
     if ds.kind != "latents":
         raise PlanError(f"{folder}: holds {ds.kind}, fine-tuning reads latents (encode the images first)")
     return ds
@@ -162,8 +161,8 @@ def plan_only(opts: RunOptions) -> dict[str, Any]:
     from dpldm.parallel.zero import load_ds_config, zero_stage
 
     stage = zero_stage(load_ds_config(opts.zero, cfg.privacy.physical_batch_size))
-    plan = resolve_plan(cfg, count_private(cfg, opts), dry_run_world_size(opts), stage, unet_counts(cfg))
-    return plan
+    world = dry_run_world_size(opts)
+    return resolve_plan(cfg, count_private(cfg, opts), world, stage, unet_counts(cfg))
 
 
 def run(opts: RunOptions) -> int:
@@ -173,7 +172,7 @@ def run(opts: RunOptions) -> int:
     ds_config = load_ds_config(opts.zero, cfg.privacy.physical_batch_size)
     stage = zero_stage(ds_config)
     if opts.dry_run:
-        plan = resolve_plan(cfg, count_private(cfg, opts), dry_run_world_size(opts), stage, unet_counts(cfg))
+        plan = plan_only(opts)
         print("dry run: resolved plan (nothing trained)")
         print(format_plan(plan))
         print("PLAN_JSON " + json.dumps(plan, sort_keys=True))
@@ -190,28 +189,33 @@ def run(opts: RunOptions) -> int:
         ctx.close()
 
 
-def _init_state(cfg: RunConfig, out: Path, ctx) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """Rank 0: the UNet weights to start from and the LDM folder they come from. Without
-    train.init_checkpoint a randomly initialised model is written to out/init_model (smoke runs)."""
-    if not ctx.is_main:
-        return None, ""
+def _init_state(cfg: RunConfig, out: Path, ctx) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Rank 0: the UNet weights to start from, and (all ranks) where they come from: the LDM
+    folder, its latent scale factor and its autoencoder's hash (the latents must match it).
+    Without train.init_checkpoint a randomly initialised model is written to out/init_model
+    (smoke runs only)."""
     from dpldm.checkpoint import load_checkpoint, unprefixed
+    from dpldm.data.latents import ae_state_hash
     from dpldm.models.ldm import LatentDiffusion, _model_folder, save_ldm
 
-    if cfg.train.init_checkpoint:
-        folder = _model_folder(cfg.train.init_checkpoint)
+    unet_state, info = None, None
+    if ctx.is_main:
+        if cfg.train.init_checkpoint:
+            folder = _model_folder(cfg.train.init_checkpoint)
+        else:
+            folder = out / "init_model"
+            if not (folder / "meta.json").is_file():
+                print("warning: train.init_checkpoint is empty: fine-tuning a RANDOMLY initialised model (smoke run); "
+                      f"it is saved to {folder}", flush=True)
+                torch.manual_seed(cfg.train.seed)
+                save_ldm(folder, LatentDiffusion(cfg))
         tensors, meta = load_checkpoint(folder)
         if meta.get("kind") != "ldm":
             raise PlanError(f"train.init_checkpoint={folder}: expected an LDM folder, got kind {meta.get('kind')!r}")
-        return unprefixed("unet", tensors), str(folder)
-    folder = out / "init_model"
-    if not (folder / "meta.json").is_file():
-        print("warning: train.init_checkpoint is empty: fine-tuning a RANDOMLY initialised model (smoke run); "
-              f"it is saved to {folder}", flush=True)
-        torch.manual_seed(cfg.train.seed)
-        save_ldm(folder, LatentDiffusion(cfg))
-    tensors, _ = load_checkpoint(folder)
-    return unprefixed("unet", tensors), str(folder)
+        unet_state = unprefixed("unet", tensors)
+        info = {"folder": str(folder), "scale_factor": float(meta.get("scale_factor", 1.0)),
+                "ae_hash": ae_state_hash(unprefixed("ae", tensors))}
+    return unet_state, ctx.broadcast_object(info)
 
 
 def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -> int:
@@ -229,22 +233,25 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
     stop = _StopFlag()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / STOP_FILE).unlink(missing_ok=True)
+        if (out / STOP_FILE).exists():  # not removed here: a scheduler may have asked during start-up
+            print(f"warning: {out / STOP_FILE} exists: the run stops after its first logical step "
+                  "(delete the file to train on)", flush=True)
         save_resolved(cfg, out)
     ctx.barrier()
 
-    dataset = open_private(cfg, opts)
+    state, init = _init_state(cfg, out, ctx)
+    dataset = open_private(cfg, opts, expected_ae_hash=None if opts.synthetic_latents else init["ae_hash"])
     N = len(dataset)
-    plan = resolve_plan(cfg, N, ctx.world_size, stage)
+    plan = ctx.broadcast_object(resolve_plan(cfg, N, ctx.world_size, stage) if ctx.is_main else None)
     resumed = load_latest_dp_checkpoint(ctx, out) if opts.resume == "auto" else None
-    ledger = shared_ledger(ctx, cfg.privacy, N, seed=opts.sampling_seed,
-                           state=resumed[1]["privacy"]["ledger"] if resumed else None)
-    plan["noise_multiplier"] = ledger.noise_multiplier
+    ledger = shared_ledger(ctx, dataclasses.replace(cfg.privacy, noise_multiplier=plan["noise_multiplier"]), N,
+                           seed=opts.sampling_seed, state=resumed[1]["privacy"]["ledger"] if resumed else None)
+    if ledger.noise_multiplier != plan["noise_multiplier"]:  # resumed: the checkpoint's sigma rules
+        plan["noise_multiplier"] = ledger.noise_multiplier
+        plan["epsilon"] = ledger.epsilon_after(cfg.privacy.steps)
     _log(ctx, opts, f"distributed DP fine-tuning: {ctx.world_size} rank(s) via {ctx.launcher}, backend {ctx.backend}, "
                     f"ZeRO stage {stage}\n{format_plan(plan)}")
 
-    state, init_folder = _init_state(cfg, out, ctx)
-    init_folder = ctx.broadcast_object(init_folder)
     model = build_model(lambda: UNet(cfg.unet), ctx, ds_config,
                         select_trainable=lambda m: apply_finetune(m, cfg.train.finetune), state=state)
     del state
@@ -256,19 +263,21 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
     dp = DPStep(unet, make_loss_fn(cfg, schedule, ctx.device), ledger, noise=noise, optimizer=optimizer,
                 world=ctx.world(), norm_method=cfg.privacy.norm_method, backend=cfg.privacy.backend)
     if resumed:
-        tensors, meta, folder = resumed
-        restore_dp_state(model, optimizer, dp, tensors, meta)
-        _log(ctx, opts, f"resumed from {folder}: step {ledger.steps_done}, epsilon spent {ledger.epsilon_spent():.4g} "
-                        f"(saved by {meta['world_size']} rank(s), now {ctx.world_size})")
+        ck_tensors, ck_meta, ck_folder = resumed
+        restore_dp_state(model, optimizer, dp, ck_tensors, ck_meta)
+        del ck_tensors
+        _log(ctx, opts, f"resumed from {ck_folder}: step {ledger.steps_done}, epsilon spent "
+                        f"{ledger.epsilon_spent():.4g} (saved by {ck_meta['world_size']} rank(s), now {ctx.world_size})")
     model.sync_check()
 
     def load(idx: torch.Tensor):
-        x, y = dataset.get_batch(idx)
-        return x.to(ctx.device), y, idx, dp.step_index
+        x, y = dataset.get_batch(idx)  # latents as cached (unscaled)
+        return (x * scale).to(ctx.device), y, idx, dp.step_index
 
+    scale = init["scale_factor"]
     dummy = (torch.zeros((1, *latent_shape(cfg)), device=ctx.device), torch.zeros(1, dtype=torch.int64),
              torch.zeros(1, dtype=torch.int64), 0)
-    meta = {"config": cfg.to_dict(), "init_checkpoint": init_folder, "plan": plan}
+    meta = {"config": cfg.to_dict(), "init_checkpoint": init["folder"], "plan": plan}
     unet.train()
     done_here = 0
     t_last = time.perf_counter()
@@ -294,6 +303,8 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
             stopped = True
             break
     if stopped:
+        if ctx.is_main:
+            (out / STOP_FILE).unlink(missing_ok=True)  # honoured: a plain rerun trains on
         _log(ctx, opts, f"stopped at step {dp.step_index} (checkpoint written); rerun the same command to resume")
         _log(ctx, opts, "RESULT_JSON " + json.dumps({"stopped": True, "step": dp.step_index,
                                                      "epsilon": ledger.epsilon_spent()}))
@@ -324,9 +335,3 @@ def main_consolidate(checkpoint: str, out: str | None, init: str | None) -> int:
     print(f"consolidated single-process model: {folder}")
     return 0
 
-
-def exit_code_for(e: BaseException) -> int:
-    return 2 if isinstance(e, (PlanError,)) else 1
-
-
-__all__ = ["RunOptions", "run", "plan_only", "main_consolidate", "options_from_args", "math", "os", "sys"]

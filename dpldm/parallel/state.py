@@ -74,7 +74,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     for i, st in sd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"opt.{index_to_name[i]}.{k}"] = v.detach().cpu()
+                tensors[f"opt.{index_to_name[i]}.{k}"] = v.detach().cpu().clone()
             else:
                 scalars.setdefault(index_to_name[i], {})[k] = v
     groups = []

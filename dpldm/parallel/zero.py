@@ -84,6 +84,7 @@ def load_ds_config(spec: int | str | Path | dict | None, physical_batch_size: in
         where = str(path)
     if not isinstance(cfg, dict):
         raise ZeroConfigError(f"{where}: expected a JSON object")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # "_comment" keys are for people
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     if stage not in ZERO_STAGES:
         raise ZeroConfigError(f"{where}: zero_optimization.stage must be one of {ZERO_STAGES}, got {stage}")

@@ -65,7 +65,7 @@ def main(out: Path) -> None:
         counts = run_logical_step(dp, load, tiny.PHYSICAL, lockstep=sm.lockstep, dummy_batch=dummy,
                                   after_pass=sm.after_backward)
         digest = sm.sync_check()
-        info = {"counts": ctx.all_gather_object(counts), "digest": digest, "noise_draws": dp.noise.draws,
+        info = {"counts": ctx.all_gather_object(counts), "digest": digest, "noise_draws": ctx.all_gather_object(dp.noise.draws),
                 "ledger_steps": ledger.steps_done, "replicated_modules": len(sm.replicated)}
         if ctx.is_main:
             torch.save({n: p.detach().clone() for n, p in trainable.items()}, out / f"params_zero{stage}_w{W}.pt")

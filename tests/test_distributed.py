@@ -1,0 +1,256 @@
+"""dpldm.parallel without spawning ranks: launcher environments, hostfiles, plans, chunking,
+DeepSpeed configs, optimizer-state round trips, consolidation, the SLURM script (bash -n and
+its dry run). The multi-rank checks are in test_distributed_ranks.py and _launch.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpldm.parallel.env import LaunchError, resolve_launch_env, slurm_port
+from dpldm.parallel.plan import PlanError, read_hostfile, resolve_plan
+from dpldm.parallel.step import balanced_chunks, num_chunks
+from dpldm.parallel.zero import ZERO_STAGES, ZeroConfigError, load_ds_config, zero_stage
+from dpldm.privacy.sampler import PoissonPlan
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))
+import tiny  # noqa: E402
+
+
+# -- launcher environments ---------------------------------------------------------------------
+
+def test_env_deepspeed_torchrun_slurm_and_bare():
+    base = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    ds = resolve_launch_env({**base, "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "CROSS_RANK": "1",
+                             "LOCAL_SIZE": "2"})
+    assert (ds.rank, ds.world_size, ds.local_rank, ds.launcher) == (3, 8, 1, "deepspeed")
+    tr = resolve_launch_env({**base, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"})
+    assert tr.launcher == "torchrun" and tr.master_addr == "10.0.0.1" and tr.master_port == 29500
+    sl = resolve_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
+                             "MASTER_ADDR": "node07"})
+    assert (sl.rank, sl.world_size, sl.local_rank, sl.launcher, sl.master_addr) == (5, 16, 1, "slurm", "node07")
+    assert sl.master_port == slurm_port("123") == 20123
+    # srun + torchrun (one launcher per node): the launcher's RANK wins over SLURM_PROCID (= the node)
+    both = resolve_launch_env({**base, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "RANK": "9", "WORLD_SIZE": "16",
+                               "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "x"})
+    assert (both.rank, both.world_size) == (9, 16)
+    bare = resolve_launch_env({})
+    assert (bare.rank, bare.world_size, bare.local_rank, bare.launcher) == (0, 1, 0, "none")
+    assert 0 < bare.master_port < 65536
+    env = bare.as_environ()
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_env_errors_are_clear():
+    with pytest.raises(LaunchError, match="outside world"):
+        resolve_launch_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    with pytest.raises(LaunchError, match="MASTER_ADDR"):
+        resolve_launch_env({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(LaunchError, match="not an integer"):
+        resolve_launch_env({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+
+
+# -- hostfiles and plans ---------------------------------------------------------------------------
+
+def test_hostfile_example_and_errors(tmp_path):
+    assert read_hostfile(ROOT / "launch" / "hosts.example") == [("localhost", 2)]
+    good = tmp_path / "hosts"
+    good.write_text("# two nodes\nnode01 slots=8\nnode02 slots=4  # smaller\n\n")
+    assert read_hostfile(good) == [("node01", 8), ("node02", 4)]
+    with pytest.raises(PlanError, match="not found"):
+        read_hostfile(tmp_path / "missing")
+    for text, msg in (("node01\n", "slots="), ("a slots=x\n", "integer"), ("a slots=1\na slots=2\n", "twice"),
+                      ("# nothing\n", "no host"), ("a slots=0\n", ">= 1")):
+        good.write_text(text)
+        with pytest.raises(PlanError, match=msg):
+            read_hostfile(good)
+
+
+def test_plan_numbers_and_world_size_error():
+    c = tiny.cfg(["privacy.physical_batch_size=2"])
+    plan = resolve_plan(c, tiny.N, 2, 3, {"total": 100, "trainable": 20, "frozen": 80})
+    assert plan["world_size"] == 2 and plan["zero_stage"] == 3
+    assert plan["expected_logical_batch"] == pytest.approx(tiny.EXPECTED)
+    assert plan["sample_rate"] == pytest.approx(tiny.EXPECTED / tiny.N)
+    assert plan["expected_share_per_rank"] == pytest.approx(tiny.EXPECTED / 2)
+    assert plan["chunks_per_rank_per_step"] == 2  # 3 per rank in chunks of at most 2
+    assert plan["noise_multiplier"] == 1.0 and plan["epsilon"] > 0
+    assert plan["noise_std_on_update"] == pytest.approx(1.0 * tiny.CLIP / tiny.EXPECTED)
+    assert plan["frozen_bytes_per_rank_zero3"] == 160 and plan["frozen_bytes_per_rank_zero0"] == 320
+    with pytest.raises(PlanError, match="larger than the expected logical batch"):
+        resolve_plan(c, tiny.N, tiny.EXPECTED + 1, 0)
+    calibrated = resolve_plan(tiny.cfg(["privacy.noise_multiplier=nan"]) if False else
+                              tiny.cfg(["privacy.epsilon=5.0"]), 1000, 1, 0)
+    assert calibrated["noise_multiplier"] == 1.0  # explicit sigma wins over the target epsilon
+
+
+# -- chunking: equal counts on every rank, bounded chunks, a partition of the sample ----------------
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+@pytest.mark.parametrize("phys", [1, 2, 5, 64])
+def test_chunks_partition_the_global_sample(W, phys):
+    plan = PoissonPlan(200, 0.13, seed=11)
+    for step in range(6):
+        idx = plan.indices(step)
+        n = num_chunks(idx.numel(), W, phys)
+        seen = []
+        for r in range(W):
+            share = PoissonPlan.rank_share(idx, r, W)
+            chunks = balanced_chunks(share, n)
+            assert len(chunks) == n  # the same number of passes on every rank (ZeRO-3 lock-step)
+            assert all(c.numel() <= phys for c in chunks)
+            empties = sum(c.numel() == 0 for c in chunks)
+            assert empties == max(0, n - share.numel())  # empty only when the share is shorter than n
+            seen += [i for c in chunks for i in c.tolist()]
+        assert sorted(seen) == idx.tolist()
+
+
+def test_chunks_edge_cases():
+    assert num_chunks(0, 4, 64) == 0 and balanced_chunks(torch.zeros(0, dtype=torch.long), 0) == []
+    assert num_chunks(1, 2, 64) == 1  # rank 1 has nothing: one dummy pass under ZeRO-3
+    with pytest.raises(ValueError):
+        balanced_chunks(torch.arange(3), 0)
+
+
+# -- DeepSpeed configs -------------------------------------------------------------------------------
+
+def test_ds_configs_load_and_validate(tmp_path):
+    for s in ZERO_STAGES:
+        raw = json.loads((ROOT / "launch" / "ds_configs" / f"zero{s}.json").read_text())
+        assert raw["zero_optimization"]["stage"] == s
+        cfg = load_ds_config(s, physical_batch_size=16)
+        assert zero_stage(cfg) == s and cfg["train_micro_batch_size_per_gpu"] == 16
+        assert cfg["gradient_accumulation_steps"] == 1 and "train_batch_size" not in cfg
+        assert not any(k.startswith("_") for k in cfg)
+    assert load_ds_config(3)["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert zero_stage(load_ds_config(str(ROOT / "launch" / "ds_configs" / "zero2.json"))) == 2
+    with pytest.raises(ZeroConfigError, match="stage"):
+        load_ds_config(5)
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(ZeroConfigError, match="optimizer"):
+        load_ds_config(bad)
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
+    with pytest.raises(ZeroConfigError, match="bf16"):
+        load_ds_config(bad)
+    with pytest.raises(ZeroConfigError, match="not found"):
+        load_ds_config(tmp_path / "nope.json")
+
+
+# -- checkpoint pieces -------------------------------------------------------------------------------
+
+def test_optimizer_state_round_trip_by_name():
+    from dpldm.parallel.state import load_optimizer_tensors, optimizer_tensors
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([a, b], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        (a.sum() ** 2 + (b ** 3).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    tensors, meta = optimizer_tensors(opt, ["blk.a", "blk.b"])
+    assert set(tensors) == {f"opt.blk.{n}.{k}" for n in "ab" for k in ("step", "exp_avg", "exp_avg_sq")}
+    json.dumps(meta)  # goes into meta.json
+    a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    opt2 = torch.optim.AdamW([a2, b2], lr=1.0)
+    load_optimizer_tensors(opt2, ["blk.a", "blk.b"], tensors, meta)
+    assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["weight_decay"] == 0.1
+    for p, q in ((a, a2), (b, b2)):
+        (p.sum() * 0 + (p ** 2).sum()).backward()
+        (q.sum() * 0 + (q ** 2).sum()).backward()
+    opt.step()
+    opt2.step()
+    torch.testing.assert_close(a2, a, rtol=0, atol=0)
+    torch.testing.assert_close(b2, b, rtol=0, atol=0)
+
+
+def test_consolidate_puts_trained_tensors_into_the_init_model(tmp_path):
+    """A DP checkpoint (trained tensors + ledger) + the init LDM folder -> a single-process LDM."""
+    from dpldm.checkpoint import save_step_checkpoint
+    from dpldm.models.ldm import LatentDiffusion, load_ldm, save_ldm
+    from dpldm.models.selection import apply_finetune
+    from dpldm.parallel.state import KIND, consolidate, optimizer_tensors
+    from dpldm.privacy.accountant import PrivacyLedger
+
+    c = tiny.cfg()
+    torch.manual_seed(0)
+    ldm = LatentDiffusion(c)
+    save_ldm(tmp_path / "init", ldm)
+    names = apply_finetune(ldm.unet, c.train.finetune)
+    trained = {n: p.detach() + 1.0 for n, p in ldm.unet.named_parameters() if p.requires_grad}
+    ledger = PrivacyLedger.create(num_examples=tiny.N, sample_rate=0.5, max_grad_norm=1.0, delta=1e-3,
+                                  noise_multiplier=1.0, seed=123)
+    ledger.step()
+    opt = torch.optim.SGD([p for p in ldm.unet.parameters() if p.requires_grad], lr=0.1)
+    opt_t, opt_meta = optimizer_tensors(opt, names)
+    save_step_checkpoint(tmp_path / "run", 1, {**{f"train.{n}": t for n, t in trained.items()}, **opt_t},
+                         {"kind": KIND, "trainable": names, "optimizer": opt_meta, "init_checkpoint": str(tmp_path / "init"),
+                          "privacy": {"ledger": ledger.state_dict(), "noise": {"mode": "os"}},
+                          "config": c.to_dict()})
+    out = consolidate(tmp_path / "run", tmp_path / "model")
+    model = load_ldm(out)  # one process, no DeepSpeed
+    state = model.unet.state_dict()
+    for n, p in ldm.unet.state_dict().items():
+        torch.testing.assert_close(state[n], trained[n] if n in trained else p, rtol=0, atol=0)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["finetuned"]["privacy"]["steps_done"] == 1 and meta["finetuned"]["privacy"]["epsilon"] > 0
+    assert "123" not in (out / "meta.json").read_text()  # the sampling seed stays private
+    # the CLI flag does the same
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--consolidate", str(tmp_path / "run"),
+                        "--out", str(tmp_path / "model2")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.testing.assert_close(load_ldm(tmp_path / "model2").unet.state_dict(), state, rtol=0, atol=0)
+
+
+# -- launch scripts --------------------------------------------------------------------------------
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_", "TORCHELASTIC"))}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return env
+
+
+def test_train_py_dry_run_prints_the_plan():
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", "--hostfile",
+                        str(ROOT / "launch" / "hosts.example"), "--zero", "3", "--synthetic-latents", str(tiny.N)]
+                       + [a for s in tiny.TINY + [f"privacy.expected_batch_size={tiny.EXPECTED}",
+                                                  "privacy.physical_batch_size=2", "privacy.noise_multiplier=1.0",
+                                                  "privacy.delta=1e-3"] for a in ("--set", s)],
+                       capture_output=True, text=True, timeout=300, env=_clean_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(r.stdout.split("PLAN_JSON ", 1)[1])
+    assert plan["world_size"] == 2 and plan["zero_stage"] == 3 and plan["physical_batch_per_rank"] == 2
+    assert plan["expected_logical_batch"] == pytest.approx(tiny.EXPECTED) and plan["steps"] == 100
+    for key in ("world_size", "physical_batch_per_rank", "expected_logical_batch", "noise_multiplier", "steps", "epsilon"):
+        assert key in r.stdout.split("PLAN_JSON", 1)[0]
+    bad = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--dry-run", "--hostfile", "/no/such/hosts",
+                          "--synthetic-latents", "100"], capture_output=True, text=True, timeout=300,
+                         env=_clean_env(), cwd=ROOT)
+    assert bad.returncode == 2 and "hostfile /no/such/hosts not found" in bad.stderr
+
+
+def test_sbatch_passes_bash_n_and_dry_run_prints_the_plan():
+    script = ROOT / "launch" / "slurm" / "finetune.sbatch"
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = script.read_text()
+    for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "scontrol show hostnames", "MASTER_ADDR",
+                   "MASTER_PORT", "scontrol requeue", "--ntasks-per-node=1"):
+        assert needle in text
+    env = {**_clean_env(), "DRY_RUN": "1", "NNODES": "3", "PROCS_PER_NODE": "2", "CONFIG": "",
+           "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(script), "--synthetic-latents", "600"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DRY RUN" in r.stdout and "srun --ntasks-per-node=1" in r.stdout and "torch.distributed.run" in r.stdout
+    plan = json.loads(r.stdout.split("PLAN_JSON ", 1)[1])
+    assert plan["world_size"] == 6 and plan["zero_stage"] == 3 and plan["num_examples"] == 600
+    assert not (ROOT / "runs" / "dpldm-finetune-local").exists()  # a dry run writes nothing
