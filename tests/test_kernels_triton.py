@@ -1,0 +1,125 @@
+"""Triton kernels (kernels/*_triton.py) against the torch references and float64 loops, fp32.
+
+On a machine without a GPU they run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), where only fp32 is trustworthy, so shapes stay small. With a GPU the same
+tests run compiled on CUDA tensors; fp16/bf16 are in test_kernels_gpu.py.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import dpldm.kernels as K
+from dpldm.kernels import dispatch
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+WHY = dispatch.why_unavailable("triton", DEV)
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"triton backend unavailable: {WHY}")
+
+SHAPES = [(B, T, d_in, d_out) for B in (0, 1, 3) for T in (1, 3, 77) for (d_in, d_out) in ((24, 40), (40, 24))]
+
+
+def rel(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    if a.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def make(B, T, d_in, d_out, masked=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, T, d_in, generator=g)
+    G = torch.randn(B, T, d_out, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.35).float() if masked else None
+    coef = torch.rand(B, generator=g)
+    return A, G, mask, coef
+
+
+def dev(*ts):
+    return [None if t is None else t.to(DEV) for t in ts]
+
+
+@pytest.mark.parametrize("B,T,d_in,d_out", SHAPES)
+def test_triton_norms_match_reference_and_loop(B, T, d_in, d_out):
+    for bias, masked in itertools.product((False, True), (False, True)):
+        A, G, mask, _ = make(B, T, d_in, d_out, masked=masked)
+        loop = K.per_example_sqnorm_linear_loop(A, G, bias=bias, mask=mask)
+        ref = K.per_example_sqnorm_linear_torch(A, G, bias=bias, mask=mask, method="materialize")
+        Ad, Gd, md = dev(A, G, mask)
+        for method in ("fused", "ghost"):
+            out = K.per_example_sqnorm_linear(Ad, Gd, bias=bias, mask=md, method=method, backend="triton")
+            assert out.shape == (B,) and out.dtype == torch.float32 and out.device.type == DEV.type
+            assert rel(out, ref) < 1e-5 and rel(out, loop) < 1e-5, (method, bias, masked)
+
+
+@pytest.mark.parametrize("B,T,d_in,d_out", SHAPES)
+def test_triton_clipped_sum_matches_reference(B, T, d_in, d_out):
+    for bias, masked in itertools.product((False, True), (False, True)):
+        A, G, mask, coef = make(B, T, d_in, d_out, masked=masked)
+        W, b = K.clipped_sum_linear(*dev(A, G, coef), bias=bias, mask=dev(mask)[0], backend="triton")
+        Wr, br = K.clipped_sum_linear_torch(A.double(), G.double(), coef.double(), bias=bias,
+                                            mask=None if mask is None else mask.double())
+        assert W.shape == (d_out, d_in) and W.dtype == torch.float32 and rel(W, Wr) < 1e-5
+        assert (b is None) == (not bias)
+        if bias:
+            assert rel(b, br) < 1e-5
+
+
+def test_triton_mask_weights_and_seeds():
+    """Non-binary row weights and a different seed on the largest odd shape."""
+    for bias, masked in itertools.product((False, True), (False, True)):
+        A, G, mask, coef = make(3, 77, 40, 24, masked=masked, seed=3)
+        if mask is not None:
+            mask = mask * torch.rand(mask.shape)
+        ref = K.per_example_sqnorm_linear_loop(A, G, bias=bias, mask=mask)
+        Ad, Gd, md, cd = dev(A, G, mask, coef)
+        for method in ("fused", "ghost"):
+            assert rel(K.per_example_sqnorm_linear(Ad, Gd, bias=bias, mask=md, method=method, backend="triton"), ref) < 1e-5
+        W, b = K.clipped_sum_linear(Ad, Gd, cd, bias=bias, mask=md, backend="triton")
+        Wr, br = K.clipped_sum_linear_torch(A, G, coef, bias=bias, mask=mask)
+        assert rel(W, Wr) < 1e-5 and (not bias or rel(b, br) < 1e-5)
+
+
+def test_triton_several_tiles_and_strides():
+    """T over two ghost tiles and d over two fused tiles; non-contiguous A."""
+    A, G, mask, coef = make(2, 70, 80, 72, masked=True, seed=1)
+    At = A.transpose(0, 1).contiguous().transpose(0, 1)
+    ref = K.per_example_sqnorm_linear_loop(A, G, bias=True, mask=mask)
+    Ad, Gd, md, cd = dev(At, G, mask, coef)
+    for method in ("fused", "ghost"):
+        assert rel(K.per_example_sqnorm_linear(Ad, Gd, bias=True, mask=md, method=method, backend="triton"), ref) < 1e-5
+    W, b = K.clipped_sum_linear(Ad, Gd, cd, bias=True, mask=md, backend="triton")
+    Wr, br = K.clipped_sum_linear_torch(A, G, coef, bias=True, mask=mask)
+    assert rel(W, Wr) < 1e-5 and rel(b, br) < 1e-5
+
+
+def test_triton_two_dim_inputs():
+    A, G, mask, coef = make(5, 1, 24, 40, masked=True)
+    out = K.per_example_sqnorm_linear(*dev(A[:, 0], G[:, 0]), bias=True, mask=dev(mask[:, 0])[0], backend="triton")
+    assert rel(out, K.per_example_sqnorm_linear_loop(A, G, bias=True, mask=mask)) < 1e-5
+
+
+def test_triton_norm_affine_and_embedding():
+    x, g = torch.randn(3, 77, 40), torch.randn(3, 77, 40)
+    xs = torch.randn(3, 40, 77).transpose(1, 2)  # GroupNorm-style strided view
+    for xx in (x, xs):
+        for got, want in zip(K.norm_affine_grads(*dev(xx, g), backend="triton"), K.norm_affine_grads_torch(xx, g)):
+            assert got.shape == want.shape and rel(got, want) < 1e-5
+    gw, gb = K.norm_affine_grads(*dev(x[:0], g[:0]), backend="triton")
+    assert gw.shape == (0, 40) and gb.shape == (0, 40)
+    for B, T in ((0, 1), (1, 1), (4, 1), (3, 77)):
+        idx = torch.randint(0, 5, (B, T))
+        G = torch.randn(B, T, 24)
+        out = K.embedding_sqnorm(*dev(idx, G), backend="triton")
+        assert out.shape == (B,) and rel(out, K.embedding_sqnorm_torch(idx.double().long(), G.double())) < 1e-5
+    idx, G, coef = torch.randint(0, 5, (4, 3)), torch.randn(4, 3, 24), torch.rand(4)
+    torch.testing.assert_close(K.embedding_clipped_sum(*dev(idx, G, coef), 5, backend="triton").cpu(),
+                               K.embedding_clipped_sum_torch(idx, G, coef, 5))
+
+
+def test_triton_rejects_fp64_explicitly_and_auto_avoids_it():
+    A, G, _, _ = make(2, 3, 24, 40)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        K.per_example_sqnorm_linear(*dev(A.double(), G.double()), backend="triton")
