@@ -194,3 +194,37 @@ def test_missing_extension_falls_back_once(monkeypatch):
         K.per_example_sqnorm_linear(A, G, backend="cpp")
     with pytest.raises(K.BackendUnavailableError, match="triton is not importable"):
         K.per_example_sqnorm_linear(A, G, backend="triton")
+
+
+# ---- the DP engine gives the same clipped sums with every available backend -------------------------
+def test_engine_clipped_sums_agree_across_backends():
+    engine = pytest.importorskip("dpldm.privacy.engine", reason="the DP engine is not importable")
+    from torch import nn
+
+    class Block(nn.Module):  # a tiny attention-like stack: embedder, norm, projections
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 24)
+            self.norm = nn.LayerNorm(24)
+            self.q = nn.Linear(24, 40)
+            self.out = nn.Linear(40, 24, bias=False)
+
+        def forward(self, x, y):  # x (B, T, 24), y (B,)
+            h = self.norm(x + self.emb(y)[:, None, :])
+            return self.out(torch.tanh(self.q(h)))
+
+    torch.manual_seed(0)
+    model = Block()
+    x, y = torch.randn(6, 77, 24), torch.randint(0, 5, (6,))
+
+    def loss_fn(m, batch):
+        xb, yb = batch
+        return m(xb, yb).pow(2).mean(dim=(1, 2))  # (B,)
+
+    backends = [b for b in K.available_backends("cpu")]
+    sums = {b: engine.clipped_gradient_sum(model, loss_fn, (x, y), 0.05, backend=b) for b in backends}
+    for b in backends[1:]:
+        for name, ref in sums[backends[0]].items():
+            assert rel(sums[b][name], ref) < 1e-5, (b, name)
+    clipped = sums["torch"]["q.weight"]
+    assert torch.isfinite(clipped).all() and clipped.abs().sum() > 0
