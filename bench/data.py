@@ -27,7 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-LATENT_SHAPE = (4, 8, 8)
+LATENT_SHAPE = (4, 8, 8)  # --latent-shape overrides
 
 
 def build(out: Path, n: int, shard_size: int, seed: int = 0) -> None:
@@ -108,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--physical", type=int, default=4096, help="physical chunk size")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latent-shape", default="4,8,8", help="C,h,w of each latent (default 4,8,8)")
     ap.add_argument("--lru", type=int, default=None, help="shards kept open by wids (default: all, up to 64)")
     ap.add_argument("--dir", default=None, help="keep shards here instead of a temporary folder")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global LATENT_SHAPE
+    LATENT_SHAPE = tuple(int(v) for v in args.latent_shape.split(","))
     n = args.n or (20_000 if args.quick else 100_000)
     steps = args.steps or (3 if args.quick else 5)
     if args.build_only:
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.dir or tmp) / "latents"
         t = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--build-only", "--dir", str(folder), "--n", str(n),
-                        "--shard-size", str(args.shard_size)], check=True)
+                        "--shard-size", str(args.shard_size), "--latent-shape", args.latent_shape], check=True)
         build_s = time.perf_counter() - t
         disk = sum(p.stat().st_size for p in folder.glob("shard-*.tar"))
         print(f"built {n} latents {LATENT_SHAPE} in {build_s:.1f}s: {disk / 2**20:.0f} MiB of shards "

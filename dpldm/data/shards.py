@@ -129,12 +129,15 @@ def import_arrays(images: np.ndarray, labels: np.ndarray, meta: dict[str, Any], 
                   shard_size: int = 1000, fmt: str = "npy", overwrite: bool = False,
                   on_shard: Callable[[int], None] | None = None) -> WriteReport:
     """Write a validated source (see sources.load_source) as an image shard folder."""
+    if "num_classes" not in meta:
+        raise SourceError("source meta needs num_classes")
     validate_source(images, labels, meta, where=str(meta.get("source", "source")))
     if shard_size < 1:
         raise SourceError(f"shard size must be >= 1, got {shard_size}")
     n = len(images)
     spec = SampleSpec(fmt, images.shape[1:], "uint8", int(meta["num_classes"]))
-    fingerprint = {"kind": "images", "source": str(meta.get("source")), "split": meta.get("split"), "format": fmt,
+    # what identifies the shards' bytes (the source's name may be spelled differently on a rerun)
+    fingerprint = {"kind": "images", "split": meta.get("split"), "format": fmt,
                    "shard_size": int(shard_size), "num_examples": n, "data_sha256": source_fingerprint(images, labels)}
     w = FolderWriter(Path(out), fingerprint, overwrite)
     starts = list(range(0, n, shard_size))
