@@ -1,6 +1,5 @@
 """Import into webdataset shards: bit-exact round trips, manifest/index contents, restartability, CLI."""
 import hashlib
-import json
 import os
 import subprocess
 import sys

@@ -19,7 +19,7 @@ import webdataset as wds
 
 from dpldm.data.codec import SampleSpec, decode_sample, encode_sample, sample_key
 from dpldm.data.errors import ShardError, SourceError
-from dpldm.data.manifest import (FORMAT_VERSION, INDEX, MANIFEST, PROGRESS, ShardFolder, class_histogram,
+from dpldm.data.manifest import (FORMAT_VERSION, INDEX, MANIFEST, PROGRESS, ShardFolder,
                                  diagnose_tar, read_json, sha256_file, shard_name, wids_index, write_json)
 from dpldm.data.sources import source_fingerprint, validate_source
 from dpldm.utils.io import atomic_path
