@@ -80,7 +80,7 @@ class PrivateIndexedDataset:
     "size" only compares file sizes. Every sample is checked against its expected key, dtype,
     shape, finiteness and label range (ShardError naming the shard and key otherwise).
     expected_ae_hash: for latent folders, refuse latents made by another autoencoder.
-    lru_size: shards kept open (memory-mapped + indexed by wids; ~0.3 KiB of index per example);
+    lru_size: shards kept open (memory-mapped + indexed by wids; about 0.5 KiB of index per example);
     default all shards up to 64. Poisson steps touch every shard, so fewer open shards than
     shards means re-indexing shards every step (about 5x slower in bench/data.py)."""
 
