@@ -11,8 +11,10 @@
 Every variant runs in a fresh subprocess (same model, data, seed, thread count), so peak memory
 is that process's own: peak_mem_mb = peak RSS (ru_maxrss) minus the RSS just before the first
 step (model, optimizer and batch already built): the memory the step itself needs on top of the
-model. Step time = median over the timed steps after one warm-up step; with several rounds the
-variants are interleaved and the fastest round's median is kept (the machine is shared).
+model. Step time = median over the timed steps after one warm-up step of the process's CPU time
+(user + system; one thread, so on an idle machine it equals wall time, and on a machine shared
+with other jobs it leaves out the time the scheduler gave to them); wall time is reported beside
+it. With several rounds the variants are interleaved and the fastest round's median is kept.
 The same per-example loss (dpldm.diffusion.loss.per_example_loss, K=1, fixed t and noise) feeds
 every variant; clip norm C=1, sigma=1.
 """
@@ -116,10 +118,10 @@ def run_child(variant: str, batch: int, steps: int, threads: int, config: str) -
         clip_time = [0.0]
         orig = eng._clip_and_sum
 
-        def timed(*a, **k):  # norms + clipped sums (after the backward)
-            t0 = time.perf_counter()
+        def timed(*a, **k):  # norms + clipped sums (after the backward), CPU time
+            t0 = time.process_time()
             out = orig(*a, **k)
-            clip_time[0] += time.perf_counter() - t0
+            clip_time[0] += time.process_time() - t0
             return out
         eng._clip_and_sum = timed
 
@@ -162,19 +164,21 @@ def run_child(variant: str, batch: int, steps: int, threads: int, config: str) -
         raise SystemExit(f"unknown variant {variant!r}")
 
     base_rss = _rss_mb()
-    times = []
+    times, walls = [], []
     for i in range(steps + 1):
         if "clip_phase" in extra:
             extra["clip_phase"][0] = 0.0
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         step()
-        dt = time.perf_counter() - t0
+        dc, dt = time.process_time() - c0, time.perf_counter() - t0
         if i:  # step 0 is the warm-up
-            times.append(dt)
+            times.append(dc)
+            walls.append(dt)
             if "clip_phase" in extra:
                 extra.setdefault("clip_times", []).append(extra["clip_phase"][0])
     out = {"variant": variant, "batch": batch, "threads": threads, "step_time_s": statistics.median(times),
-           "step_times_s": times, "peak_mem_mb": _maxrss_mb() - base_rss, "peak_rss_mb": _maxrss_mb(),
+           "step_times_s": times, "wall_time_s": statistics.median(walls),
+           "peak_mem_mb": _maxrss_mb() - base_rss, "peak_rss_mb": _maxrss_mb(),
            "base_rss_mb": base_rss, "trainable_params": sum(p.numel() for p in params),
            "total_params": sum(p.numel() for p in unet.parameters())}
     if "clip_times" in extra:
@@ -198,7 +202,8 @@ def measure(batch: int, steps: int, rounds: int, threads: int, config: str, log)
             if p.returncode != 0:
                 raise SystemExit(f"bench child {v} (batch {batch}) failed:\n{p.stderr[-4000:]}")
             res = json.loads(p.stdout.strip().splitlines()[-1])
-            log(f"  round {r + 1}/{rounds} batch {batch} {v:13s} step {res['step_time_s']:.3f} s  "
+            log(f"  round {r + 1}/{rounds} batch {batch} {v:13s} step {res['step_time_s']:.3f} s cpu "
+                f"({res['wall_time_s']:.3f} s wall)  "
                 f"peak +{res['peak_mem_mb']:.0f} MB")
             if v not in best or res["step_time_s"] < best[v]["step_time_s"]:
                 keep_mem = max(res["peak_mem_mb"], best[v]["peak_mem_mb"]) if v in best else res["peak_mem_mb"]
@@ -225,16 +230,16 @@ def write_doc(all_res: dict[int, dict], threads: int, config: str, rounds: int, 
     lines = [SECTION, "",
              f"`python bench/dp_step.py` on the demo UNet (`{config}`, finetune `attention:all`: "
              f"{d['trainable_params']:,} of {d['total_params']:,} parameters trainable), K=1, C=1, sigma=1, "
-             f"AdamW, {threads} thread(s), CPU, each variant in a fresh process; time = median of {steps} steps "
-             f"after a warm-up, best of {rounds} interleaved rounds; memory = peak RSS minus RSS before the first "
+             f"AdamW, {threads} thread(s), CPU, each variant in a fresh process; time = median process CPU time "
+             f"of {steps} steps after a warm-up (wall time in parentheses), best of {rounds} interleaved rounds; memory = peak RSS minus RSS before the first "
              "step (model, optimizer and batch already built). Machine shared with other jobs: expect +-10% noise.",
-             "", "| batch | variant | step time (s) | x non-private | step memory (MB) | x non-private |",
+             "", "| batch | variant | step time, s (wall) | x non-private | step memory (MB) | x non-private |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for batch, res in all_res.items():
         t0, m0 = res["nonprivate"]["step_time_s"], res["nonprivate"]["peak_mem_mb"]
         for v in VARIANTS:
             r = res[v]
-            lines.append(f"| {batch} | {v} | {r['step_time_s']:.3f} | {r['step_time_s'] / t0:.2f} | "
+            lines.append(f"| {batch} | {v} | {r['step_time_s']:.3f} ({r['wall_time_s']:.3f}) | {r['step_time_s'] / t0:.2f} | "
                          f"{r['peak_mem_mb']:.0f} | {r['peak_mem_mb'] / m0:.2f} |")
     lines += ["", "Speed-up of dpldm over Opacus:", ""]
     for batch, res in all_res.items():
@@ -283,6 +288,8 @@ def main(argv=None) -> int:
     first = all_res[batches[0]]
     summary = {"step_time_s": {v: first[v]["step_time_s"] for v in VARIANTS},
                "peak_mem_mb": {v: first[v]["peak_mem_mb"] for v in VARIANTS},
+               "wall_time_s": {v: first[v]["wall_time_s"] for v in VARIANTS},
+               "time_measure": "median process CPU time per step (1 thread)",
                "batch": batches[0], "threads": args.threads, "config": args.config,
                "ratios": ratios(first),
                "dpldm_clip_phase_s": first["dpldm"].get("clip_phase_s")}

@@ -215,17 +215,32 @@ def test_clipped_sum_matches_per_example_loop(kind, B, K, method):
         assert p.grad is None  # the engine never writes param.grad
 
 
-def test_auto_method_picks_both_paths():
-    """Long sequences go materialised, short ones ghost; both give the loop's answer."""
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_auto_method_picks_both_paths(backend):
+    """Short sequences go ghost, long ones materialised/fused (the kernels' rule for the backend);
+    every path gives the loop's answer."""
+    from dpldm.kernels import choose_method, resolve_backend
+
     lin = nn.Linear(4, 4).to(DT)
     model = nn.Sequential(lin)
-    for T, want_method in ((2, "ghost"), (9, "materialize")):
+    seen = set()
+    for T in (1, 9):
         x = torch.randn(3, T, 4, dtype=DT)
         loss_fn = lambda m, b: m(b[0]).pow(2).sum(dim=(1, 2))  # noqa: E731
-        eng = BookKeepingEngine(model, 0.5)
+        eng = BookKeepingEngine(model, 0.5, backend=backend)
         got = eng.clipped_sums(loss_fn, (x,)).sums
-        assert eng.methods["0"] == want_method
+        assert eng.methods["0"] == choose_method(T, 4, 4, resolve_backend(backend))
+        seen.add(eng.methods["0"])
         assert_close(got, reference_clipped_sum(model, per_example_grads(model, loss_fn, (x,), 3), 0.5))
+    assert "ghost" in seen and len(seen) == 2
+
+
+def test_torch_backend_matches_loop_on_block():
+    """The plain-PyTorch kernels (the reference backend) under the engine, K=4."""
+    model, batch, loss_fn = _case("block", 7, 4)
+    grads = per_example_grads(model, loss_fn, batch, 7)
+    C = sorted(norms_of(grads))[3]
+    assert_close(clipped_gradient_sum(model, loss_fn, batch, C, backend="torch"), reference_clipped_sum(model, grads, C))
 
 
 def test_k_copies_clipped_jointly_not_separately():

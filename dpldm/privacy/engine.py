@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dpldm.kernels import choose_method
+from dpldm.kernels import choose_method, resolve_backend
 from dpldm.privacy.layers import LayerRule, LinearRule, RowMismatchError, UnsupportedLayerError, rule_for
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
@@ -228,11 +228,15 @@ class BookKeepingEngine:
             self.methods[rule.name] = self.norm_method
             return self.norm_method
         calls = rule.done_calls()
-        if calls and B:
+        if calls and B:  # record what the kernels' "auto" picks (for reports; the kernels decide)
             # T' = rows per example over all calls: (B*K, T, d) counts as K*T rows
             T = sum(c.a.numel() // c.a.shape[-1] for c in calls) // B
             m = rule.module
-            self.methods[rule.name] = choose_method(max(T, 1), m.in_features, m.out_features)
+            try:
+                backend = resolve_backend(self.backend, calls[0].a.device)
+                self.methods[rule.name] = choose_method(max(T, 1), m.in_features, m.out_features, backend)
+            except TypeError:  # kernels without the backend argument
+                self.methods[rule.name] = choose_method(max(T, 1), m.in_features, m.out_features)
         return "auto"
 
 
