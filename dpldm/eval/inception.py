@@ -27,6 +27,7 @@ import functools
 import hashlib
 import importlib.util
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -109,10 +110,12 @@ def _verified_model_path() -> Path:
 def load_inception(device: str = "cpu", freeze: bool = True) -> torch.jit.ScriptModule:
     """The sha1-checked TorchScript TF-Inception-v3, in eval mode, frozen; loaded once per device."""
     path = _verified_model_path()
-    model = torch.jit.load(str(path), map_location=device)
-    model.eval()
-    if freeze:
-        model = torch.jit.freeze(model)
+    with warnings.catch_warnings():  # torch 2.13 marks torch.jit.* deprecated; they still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.load(str(path), map_location=device)
+        model.eval()
+        if freeze:
+            model = torch.jit.freeze(model)
     return model
 
 
