@@ -191,7 +191,7 @@ class AuditConfig:
     sample_rate: float = 0.5
     real_examples: int = 100
     max_grad_norm: float = 1.0
-    canary_norm: float = 10.0  # canary gradient norm before clipping, in units of C
+    canary_norm: float = 100.0  # canary gradient norm before clipping, in units of C
     lr: float = 1.0
     mode: str = "whitebox"
     control: str = "none"
@@ -326,12 +326,22 @@ def _seed(cfg: AuditConfig, stream: int) -> int:
     return int(np.random.SeedSequence([base, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def run_audit(cfg: AuditConfig) -> dict[str, Any]:
-    """One DP training run with canaries, then the empirical lower bound; returns a report."""
+@dataclass
+class CanaryRun:
+    """The outcome of one training run with canaries (scores are private to the auditor)."""
+
+    scores: np.ndarray  # (m,) membership scores, higher = "more likely in"
+    included: np.ndarray  # (m,) bool: the secret S
+    ledger: Any  # PrivacyLedger after the run (plan, sigma, accountant history)
+    noise_draws: int
+    first_canary_row: int  # canary j is example first_canary_row + j of the private set
+
+
+def train_with_canaries(cfg: AuditConfig) -> CanaryRun:
+    """One DP run through DPStep on real examples + the included canaries; the canaries' scores."""
     from dpldm.privacy import DPStep, GaussianNoise, PrivacyLedger
 
     cfg.validate()
-    t0 = time.time()
     m, N = cfg.canaries, cfg.num_examples
     included = np.random.default_rng(_seed(cfg, 1)).random(m) < 0.5  # S: each canary in with probability 1/2
     gen = torch.Generator().manual_seed(_seed(cfg, 2))
@@ -357,9 +367,6 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         for s in range(0, idx.numel(), cfg.physical_batch_size):
             dp.accumulate(data.batch(idx[s:s + cfg.physical_batch_size]))
         dp.step()  # one noise draw, / (q*N), SGD
-    if noise.draws != cfg.steps:
-        raise RuntimeError(f"expected one noise draw per step ({cfg.steps}), got {noise.draws}")
-
     with torch.no_grad():
         if cfg.mode == "whitebox":
             scores = -(watched.detach() - before)[0].numpy()  # minus the change along e_j: (m,)
@@ -367,12 +374,23 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
             probe = torch.zeros(m, m + data.data_dim, dtype=torch.float64)
             probe[torch.arange(m), torch.arange(m)] = data.blackbox_scale  # canary j's input
             scores = -_ce_loss(model, (probe, data.y_canary)).numpy()  # minus the canary's loss: (m,)
-    bound = audit_from_scores(scores, included, cfg.delta, confidence=cfg.confidence, seed=_seed(cfg, 5))
+    return CanaryRun(scores, included, ledger, noise.draws, cfg.real_examples)
+
+
+def run_audit(cfg: AuditConfig) -> dict[str, Any]:
+    """One DP training run with canaries, then the empirical lower bound; returns a report."""
+    t0 = time.time()
+    res = train_with_canaries(cfg)
+    if res.noise_draws != cfg.steps:
+        raise RuntimeError(f"expected one noise draw per step ({cfg.steps}), got {res.noise_draws}")
+    bound = audit_from_scores(res.scores, res.included, cfg.delta, confidence=cfg.confidence, seed=_seed(cfg, 5))
+    ledger = res.ledger
     claimed = ledger.epsilon_spent()
     expected = bound.epsilon_lower_bound > claimed if cfg.control != "none" else bound.epsilon_lower_bound <= claimed
     return {
-        "mode": cfg.mode, "control": cfg.control, "canaries": m, "canaries_included": int(included.sum()),
-        "real_examples": cfg.real_examples, "num_examples": N, "steps": cfg.steps, "sample_rate": cfg.sample_rate,
+        "mode": cfg.mode, "control": cfg.control, "canaries": cfg.canaries,
+        "canaries_included": int(res.included.sum()), "real_examples": cfg.real_examples,
+        "num_examples": cfg.num_examples, "steps": cfg.steps, "sample_rate": cfg.sample_rate,
         "expected_batch_size": ledger.expected_batch_size, "noise_multiplier": ledger.noise_multiplier,
         "max_grad_norm": ledger.max_grad_norm, "canary_norm_before_clipping": cfg.canary_norm * cfg.max_grad_norm,
         "delta": cfg.delta, "accountant": cfg.accountant, "epsilon_target": cfg.epsilon,
@@ -472,4 +490,4 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 __all__ = ["AuditBound", "AuditConfig", "CONTROLS", "MODES", "audit_from_scores", "count_correct",
-           "epsilon_lower_bound", "guess_grid", "rank_canaries", "run_audit", "tail_bound"]
+           "epsilon_lower_bound", "guess_grid", "rank_canaries", "run_audit", "tail_bound", "train_with_canaries", "CanaryRun"]
