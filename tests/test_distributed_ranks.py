@@ -33,8 +33,6 @@ TIMEOUT = 420
 def spawn(cmd: list[str], timeout: float = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a multi-process command in its own process group; on timeout kill that group (and only
     it) so a deadlocked collective cannot hang the suite."""
-    from dpldm.parallel.env import free_port  # noqa: F401  (keeps the import cost here, not at collection)
-
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=env or rank_env(), start_new_session=True)
     try:
@@ -164,3 +162,21 @@ def test_zero3_autoencoder_matches_single_process(checks, reference):
     for p in res["autoencoder"]["partitions"]:
         assert p["partitioned"] and p["local_numel"] == -(-p["numel"] // W)
     assert res["autoencoder"]["released"]
+
+
+def test_zero3_lockstep_with_an_empty_share(checks, reference):
+    """A global sample of one example: under ZeRO-3 the rank with nothing to do runs one discarded
+    dummy pass (without it the other rank's parameter all-gathers would deadlock), and the update
+    is still exactly the single-process one."""
+    W, out, res = checks
+    c, state, _, _ = reference
+    info = res["lockstep"]
+    counts = info["counts"]
+    assert all(k["global"] == 1 and k["chunks"] == 1 for k in counts)
+    assert [k["share"] for k in counts] == [1] + [0] * (W - 1)
+    assert [k["dummies"] for k in counts] == [0] + [1] * (W - 1)
+    update, _ = tiny.reference_update(tiny.cfg(["privacy.expected_batch_size=1"]), state, step=info["step"], expected=1)
+    got = torch.load(out / f"params_lockstep_w{W}.pt")
+    assert max(u.abs().max().item() for u in update.values()) > 1e-3
+    for n, u in update.items():
+        torch.testing.assert_close(got[n], state[n] - u, rtol=0, atol=1e-5, msg=lambda m: f"{n}: {m}")

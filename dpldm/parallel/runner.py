@@ -129,6 +129,9 @@ def make_loss_fn(cfg: RunConfig, schedule, device: torch.device):
 # -- the run ------------------------------------------------------------------------------------------
 
 class _StopFlag:
+    """First SIGTERM/SIGUSR1: finish the logical step, checkpoint, exit. A second SIGTERM exits at
+    once (a launcher tearing down ranks whose peer died must not wait for a collective)."""
+
     def __init__(self) -> None:
         self.raised = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -138,6 +141,9 @@ class _StopFlag:
                 pass
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.raised and signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
         self.raised = 1
 
 

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,10 @@ def save_dp_checkpoint(ctx: DistContext, run_dir: str | Path, model, optimizer: 
     atomically. Returns the folder on rank 0, None elsewhere."""
     trainable = model.trainable()
     digest = model.sync_check()
+    ledgers = ctx.all_gather_object(json.dumps(dp.ledger.state_dict(), sort_keys=True))
+    if len(set(ledgers)) != 1:
+        raise RuntimeError("the ranks' privacy ledgers disagree; refusing to checkpoint (every rank must take the "
+                           "same logical steps)")
     step = dp.step_index
     folder = None
     if ctx.is_main:

@@ -102,6 +102,29 @@ def main(out: Path) -> None:
                              "digest": agg_same}
         res["stages"][str(stage)] = info
 
+    # -- ZeRO-3 lock-step: a step whose global sample has ONE example (rank 1's share is empty, so
+    # it must still run the same forward/backward, as a discarded dummy pass, or rank 0 deadlocks)
+    c1 = tiny.cfg(["privacy.expected_batch_size=1"])
+    s1 = tiny.first_step_with(1, 1)
+    sm = build_model(lambda: UNet(c.unet), ctx, load_ds_config(3, tiny.PHYSICAL),
+                     select_trainable=lambda m: apply_finetune(m, c.train.finetune), state=state)
+    ledger = shared_ledger(ctx, c1.privacy, tiny.N, seed=tiny.SAMPLING_SEED)
+    for _ in range(s1):
+        ledger.step()
+    trainable = sm.trainable()
+    dp = DPStep(sm.module, loss_fn, ledger, noise=tiny.ZeroNoise(), optimizer=torch.optim.SGD(
+        list(trainable.values()), lr=1.0), world=ctx.world(), backend="torch")
+
+    def load_s1(idx):
+        x, y = ds.get_batch(idx)
+        return x, y, idx, s1
+
+    counts = run_logical_step(dp, load_s1, tiny.PHYSICAL, lockstep=sm.lockstep, dummy_batch=dummy,
+                              after_pass=sm.after_backward)
+    res["lockstep"] = {"step": s1, "counts": ctx.all_gather_object(counts), "digest": sm.sync_check()}
+    if ctx.is_main:
+        torch.save({n: p.detach().clone() for n, p in trainable.items()}, out / f"params_lockstep_w{W}.pt")
+
     # -- the autoencoder under ZeRO-3: partitioned, gathered per module in its forward
     ae_state = tiny.ae_state(c) if ctx.is_main else None
     ae = build_model(lambda: Autoencoder(c.autoencoder), ctx, load_ds_config(3, tiny.PHYSICAL),

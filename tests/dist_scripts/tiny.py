@@ -68,7 +68,7 @@ class ZeroNoise:
         return {"mode": "zero"}
 
 
-def reference_update(c, state, step: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:
+def reference_update(c, state, step: int = 0, expected: int = EXPECTED) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Independent single-process reference: plain UNet (no DeepSpeed, no DP engine), the global
     Poisson sample of `step`, one autograd gradient per example, clip to C, sum, / (q*N).
     Returns (update by parameter name, per-example gradient norms)."""
@@ -85,7 +85,7 @@ def reference_update(c, state, step: int = 0) -> tuple[dict[str, torch.Tensor], 
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     sched = DiffusionSchedule.from_config(c.diffusion)
     ds = dataset(c)
-    plan = PoissonPlan(N, EXPECTED / N, SAMPLING_SEED)
+    plan = PoissonPlan(N, expected / N, SAMPLING_SEED)
     idx = plan.indices(step)
     total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     norms = []
@@ -102,3 +102,14 @@ def reference_update(c, state, step: int = 0) -> tuple[dict[str, torch.Tensor], 
         for (n, _), g in zip(params.items(), grads):
             total[n] += coef * g.double()
     return {n: (v / (plan.expected_batch_size)).float() for n, v in total.items()}, norms
+
+
+def first_step_with(size: int, expected: int, limit: int = 500) -> int:
+    """The first step whose global Poisson sample has exactly `size` examples."""
+    from dpldm.privacy.sampler import PoissonPlan
+
+    plan = PoissonPlan(N, expected / N, SAMPLING_SEED)
+    for s in range(limit):
+        if plan.indices(s).numel() == size:
+            return s
+    raise AssertionError(f"no step with {size} examples in the first {limit}")
