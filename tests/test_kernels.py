@@ -228,3 +228,43 @@ def test_engine_clipped_sums_agree_across_backends():
             assert rel(sums[b][name], ref) < 1e-5, (b, name)
     clipped = sums["torch"]["q.weight"]
     assert torch.isfinite(clipped).all() and clipped.abs().sum() > 0
+
+
+# ---- build: CUDA sources are skipped cleanly without CUDA torch; they compile with nvcc ----------------
+def test_setup_skips_cuda_extension_without_cuda_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert sorted(p.name for p in (root / "csrc" / "cuda").glob("*.cu"))
+    r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if torch.version.cuda is None:
+        assert "skipping CUDA extension" in r.stderr
+
+
+@pytest.mark.skipif(__import__("os").environ.get("DPLDM_TEST_NVCC") != "1",
+                    reason="opt-in (DPLDM_TEST_NVCC=1): compiles csrc/cuda/*.cu with nvcc, ~1-2 min")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """nvcc -c against torch's headers. CPU wheels lack one generated header
+    (c10/cuda/impl/cuda_cmake_macros.h); a one-line stand-in is written for the check."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    root = Path(__file__).resolve().parents[1]
+    incs = [f"-I{tmp_path / 'stub'}"] + [f"-I{p}" for p in include_paths()]
+    for cu in (root / "csrc" / "cuda").glob("*.cu"):
+        r = subprocess.run([nvcc, "-c", str(cu), "-o", str(tmp_path / (cu.stem + ".o")), "-std=c++20", "-O3",
+                            "--expt-relaxed-constexpr", "-gencode", "arch=compute_90,code=sm_90", *incs],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
