@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -88,27 +90,70 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+_STEP_NAME = re.compile(r"step_\d{8}")
+_PARTIAL, _DELETING = ".partial", ".deleting"  # suffixes of folders being written / being removed
+
+
 def list_step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Step checkpoint folders, oldest first. Folders still being written (`.partial`) or being
+    removed (`.deleting`), e.g. left behind by a killed run, are never listed."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name))
 
 
 def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor],
                          meta: dict[str, Any], keep: int = 3) -> Path:
-    """Save `step_XXXXXXXX/` and delete all but the newest `keep` complete checkpoints."""
+    """Save `step_XXXXXXXX/` and delete all but the newest `keep` checkpoints.
+
+    Crash safety: the folder is written as `step_XXXXXXXX.partial/` (each file: temporary name,
+    fsync, rename, fsync of the folder; meta.json last), renamed into place, and the checkpoints
+    folder is fsynced, so a kill at any point leaves either the complete new checkpoint or none
+    (plus a `.partial` leftover that is never listed and is removed by the next save). Old
+    checkpoints are first renamed to `.deleting` (atomic) and then removed, so a kill during the
+    clean-up never leaves a half-deleted folder that looks like a checkpoint."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     folder = step_dir(run_dir, step)
-    tmp = folder.with_name(folder.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    root = folder.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():  # leftovers of a killed run
+        if stale.is_dir() and stale.name.endswith((_PARTIAL, _DELETING)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(folder.name + _PARTIAL)
     save_checkpoint(tmp, tensors, {**meta, "step": step})
-    if folder.exists():
-        shutil.rmtree(folder)
+    if folder.exists():  # the same step again (e.g. after falling back past a corrupt one)
+        _remove(folder)
     tmp.rename(folder)
+    fsync_dir(root)
     for old in list_step_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return folder
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Take a checkpoint out of the listing atomically, then delete it."""
+    trash = folder.with_name(folder.name + _DELETING)
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    folder.rename(trash)
+    fsync_dir(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path] | None:
