@@ -249,8 +249,21 @@ def write_doc(all_res: dict[int, dict], threads: int, config: str, rounds: int, 
                 "of the step)" if clip is not None else ""
         lines.append(f"- batch {batch}: {rr['opacus_hooks_time_vs_dpldm']:.2f}x faster than Opacus hooks, "
                      f"{rr['opacus_ghost_time_vs_dpldm']:.2f}x faster than Opacus ghost{share}.")
+    counts: dict[str, int] = {}
+    for m in d.get("norm_methods", {}).values():
+        counts[m] = counts.get(m, 0) + 1
     lines += ["", "Targets: dpldm <= 1.25x non-private time, <= 1.2x its memory, >= 1.3x faster than Opacus hooks.",
-              f"Norm method per layer (auto): `{json.dumps(d.get('norm_methods', {}))}`.", ""]
+              "", "Where the dpldm time goes (profiled at batch 64 with `process_time` around the engine's phases): "
+              "the forward + single backward with the engine's autograd Functions costs about the same as the "
+              "non-private forward + backward, slightly less, because the Functions return no weight gradient "
+              "(autograd skips the weight-gradient GEMMs). After the backward, the norm + clipped-sum phase "
+              "(figure above) splits roughly half and half between the per-example norms and the clipped-sum "
+              "GEMMs; the GEMMs are the same work the non-private backward spends on weight gradients, so the "
+              "net DP overhead is the norms, plus per-layer Python dispatch (~70 Linear, 21 LayerNorm, 7 GroupNorm, "
+              "1 Embedding rules), plus one fp32 noise draw. Memory overhead: the output gradients G of the "
+              "trainable layers kept until all norms are known (book-keeping's price), and one fp32 accumulator.",
+              "", f"Norm methods the kernels' `auto` picked (cpp backend): {json.dumps(counts)} "
+              "(fused = materialised in registers for the 64-token level, ghost for the 16-token levels).", ""]
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
     start = text.find(SECTION)
     if start >= 0:  # replace only our section, up to the next "## " heading

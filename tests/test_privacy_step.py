@@ -250,3 +250,17 @@ def test_nonfinite_in_dpstep_raises_with_step_and_adds_nothing():
     with pytest.raises(NonFiniteGradientError, match="logical step 0"):
         dp.accumulate(idx)
     assert dp.noise.draws == 0 and dp.ledger.steps_done == 0
+
+
+def test_memory_flat_in_logical_batch():
+    """Between chunks only the fp32/fp64 accumulators persist: no recorded activations or
+    gradients survive a chunk, however many chunks the logical step has."""
+    dp = DPStep(make_model(), loss_fn, make_ledger(q=1.0), noise=GaussianNoise(seed=1))
+    idx = dp.begin_step()
+    assert len(idx) == N
+    for s in range(0, N, 3):
+        dp.accumulate(idx[s:s + 3])
+        assert all(not r.calls and r._prep is None for r in dp.engine.rules)
+    assert set(dp.acc) == set(dp.params)
+    assert all(dp.acc[n].shape == p.shape for n, p in dp.params.items())
+    dp.step()

@@ -110,9 +110,7 @@ class DPStep:
         """Add the clipped per-example gradients of one physical chunk; returns its B."""
         self._need("open", part="accumulate")
         res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._acc_dtype,
-                                       where=f"logical step {self.step_index}")
-        for n, s in res.sums.items():
-            self.acc[n] += s
+                                       where=f"logical step {self.step_index}", out=self.acc)
         self._seen += res.num_examples
         return res.num_examples
 

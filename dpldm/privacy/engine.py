@@ -150,8 +150,11 @@ class BookKeepingEngine:
 
     # -- one physical chunk --------------------------------------------------------------------
     def clipped_sums(self, per_example_loss_fn: PerExampleLossFn, batch: Any, *,
-                     acc_dtype: torch.dtype | None = None, where: str = "") -> ChunkResult:
-        """Clipped per-example gradient sums of one physical chunk (no noise, no scaling)."""
+                     acc_dtype: torch.dtype | None = None, where: str = "",
+                     out: dict[str, torch.Tensor] | None = None) -> ChunkResult:
+        """Clipped per-example gradient sums of one physical chunk (no noise, no scaling).
+
+        With `out` (name -> accumulator), the sums are added into it in place and returned."""
         params = self.trainable
         acc = acc_dtype or _acc_dtype(params.values())
         at = f" ({where})" if where else ""
@@ -165,9 +168,9 @@ class BookKeepingEngine:
                 raise ValueError(f"per_example_loss_fn must return a 1-D tensor of shape (B,), got "
                                  f"{getattr(loss, 'shape', type(loss).__name__)}{at}")
             B = loss.shape[0]
-            zeros = {n: torch.zeros(p.shape, dtype=acc, device=p.device) for n, p in params.items()}
             if B == 0:
-                return ChunkResult(zeros, 0, 0)
+                self._reset()
+                return ChunkResult(self._zeros(params, acc, out), 0, 0)
             finite = torch.isfinite(loss.detach())
             n_bad = int((~finite).sum())
             if n_bad and self.nonfinite == "raise":
@@ -177,7 +180,8 @@ class BookKeepingEngine:
             if n_bad:
                 loss = torch.where(finite, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
             if not loss.requires_grad:  # no trainable layer reached the loss: all gradients are 0
-                return ChunkResult(zeros, B, n_bad)
+                self._reset()
+                return ChunkResult(self._zeros(params, acc, out), B, n_bad)
             loss.sum().backward()
             escaped = [n for n, p in params.items() if p.grad is not None]
             if escaped:
@@ -185,12 +189,25 @@ class BookKeepingEngine:
                     f"trainable parameter(s) {escaped} received a gradient outside the engine's layer rules "
                     "(used functionally, e.g. tied weights or F.linear(x, module.weight), or inside "
                     "nn.MultiheadAttention); their per-example gradients would escape clipping")
+        except BaseException:
+            self._reset()  # free the recorded activations and gradients
+            raise
         finally:
             for n, p in params.items():
                 p.grad = stash[n]
-        return self._clip_and_sum(params, B, finite, acc, at)
+        return self._clip_and_sum(params, B, finite, acc, at, out)
 
-    def _clip_and_sum(self, params, B, finite, acc, at) -> ChunkResult:
+    def _reset(self) -> None:
+        for rule in self.rules:
+            rule.reset()
+
+    @staticmethod
+    def _zeros(params, acc, out):
+        if out is not None:
+            return out
+        return {n: torch.zeros(p.shape, dtype=acc, device=p.device) for n, p in params.items()}
+
+    def _clip_and_sum(self, params, B, finite, acc, at, out=None) -> ChunkResult:
         sq = torch.zeros(B, dtype=torch.float64 if acc == torch.float64 else torch.float32,
                          device=next(iter(params.values())).device)
         self.methods = {}
@@ -202,8 +219,7 @@ class BookKeepingEngine:
         keep = finite & torch.isfinite(sq)
         n_drop = int((~keep).sum())
         if n_drop and self.nonfinite == "raise":
-            for rule in self.rules:
-                rule.reset()
+            self._reset()
             raise NonFiniteGradientError(
                 f"{n_drop} of {B} per-example gradients are NaN/inf although their losses are finite{at}; "
                 "refusing to build an update from them (or use nonfinite='drop')")
@@ -212,7 +228,7 @@ class BookKeepingEngine:
         coef = torch.where(keep, coef, torch.zeros((), dtype=coef.dtype, device=coef.device))  # (B,)
         keep_rows = keep if n_drop else None
         by_id = {id(p): n for n, p in params.items()}
-        sums = {n: torch.zeros(p.shape, dtype=acc, device=p.device) for n, p in params.items()}
+        sums = self._zeros(params, acc, out)
         for rule in self.rules:
             for attr, s in rule.clipped_sums(coef, keep_rows, backend=self.backend).items():
                 if s is not None:
