@@ -264,3 +264,21 @@ def test_memory_flat_in_logical_batch():
     assert set(dp.acc) == set(dp.params)
     assert all(dp.acc[n].shape == p.shape for n, p in dp.params.items())
     dp.step()
+
+
+def test_noise_uses_dedicated_generators_not_the_global_rng():
+    from dpldm.kernels.secure_noise import SecureGaussian
+
+    like = [torch.zeros(50, 40)]
+    for noise in (GaussianNoise(), GaussianNoise(seed=3), GaussianNoise(secure=True)):
+        state = torch.get_rng_state()
+        z = noise.draw(like, 2.0, step=0)[0]
+        assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
+        assert z.dtype == torch.float32 and z.shape == (50, 40) and float(z.std()) > 1.0
+    assert isinstance(GaussianNoise(secure=True)._secure, SecureGaussian)  # the CSPRNG, not the fallback
+    a, b = GaussianNoise().draw(like, 1.0, 0)[0], GaussianNoise().draw(like, 1.0, 0)[0]
+    assert not torch.equal(a, b)  # OS-seeded: fresh noise even for the same step
+    s1, s2 = GaussianNoise(seed=3).draw(like, 1.0, 4)[0], GaussianNoise(seed=3).draw(like, 1.0, 4)[0]
+    assert torch.equal(s1, s2) and not torch.equal(s1, GaussianNoise(seed=3).draw(like, 1.0, 5)[0])
+    with pytest.raises(ValueError, match="secure"):
+        GaussianNoise(secure=True, seed=1)
