@@ -46,11 +46,11 @@ def _result(stdout: str) -> dict:
     return json.loads(lines[-1][len("RESULT_JSON "):])
 
 
-def _final(run: Path):
+def _final(run: Path, prefix: str = "train."):
     from dpldm.checkpoint import load_latest_checkpoint
 
     tensors, meta, folder = load_latest_checkpoint(run)
-    return {k[len("train."):]: v for k, v in tensors.items() if k.startswith("train.")}, meta
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +79,15 @@ def test_deepspeed_hostfile_launch_finishes_a_tiny_run(deepspeed_run):
     assert meta["privacy"]["ledger"]["steps_done"] == STEPS
     from dpldm.models.ldm import load_ldm
 
-    model = load_ldm(out / "model")  # consolidated: one process, no DeepSpeed
+    ema, _ = _final(out, "ema.")
+    assert set(ema) == set(trained)
+    model = load_ldm(out / "model")  # consolidated: one process, no DeepSpeed; releases the EMA weights
     state = model.unet.state_dict()
-    init = load_ldm(out / "init_model").unet.state_dict()
+    init = _init_unet(out)
     for k, v in state.items():
         if k in trained:
-            torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
-            assert not torch.equal(v, init[k]) or k.endswith(("attn2.to_q.weight", "attn2.to_k.weight"))
+            torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
+            assert not torch.equal(v, init[k])
         else:
             torch.testing.assert_close(v, init[k], rtol=0, atol=0)  # frozen: untouched
     assert "seed" not in json.dumps(json.loads((out / "model" / "meta.json").read_text())["finetuned"])
@@ -156,10 +158,16 @@ def test_sbatch_requeue_resumes_with_another_world_size(deepspeed_run, tmp_path)
     assert moved > 1e-3
     for k, v in ref_trained.items():
         torch.testing.assert_close(trained[k], v, rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    ema, _ = _final(out, "ema.")
+    ref_ema, _ = _final(ref_out, "ema.")
+    for k, v in ref_ema.items():
+        torch.testing.assert_close(ema[k], v, rtol=0, atol=1e-5, msg=lambda m: f"ema {k}: {m}")
+    assert meta["scheduler"] == ref_meta["scheduler"]
     shutil.rmtree(out / "init_model", ignore_errors=True)
 
 
 def _init_unet(run: Path) -> dict[str, torch.Tensor]:
+    """The UNet weights the run started from: the init model's EMA (what the runner loads)."""
     from dpldm.models.ldm import load_ldm
 
-    return load_ldm(run / "init_model").unet.state_dict()
+    return load_ldm(run / "init_model").ema.module.state_dict()

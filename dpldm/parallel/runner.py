@@ -61,9 +61,14 @@ def latent_shape(cfg: RunConfig) -> tuple[int, int, int]:
     return (cfg.autoencoder.latent_channels, cfg.data.image_size // f, cfg.data.image_size // f)
 
 
-def open_private(cfg: RunConfig, opts: RunOptions, expected_ae_hash: str | None = None):
-    """The private latent set (an IndexedDataset): a latent shard folder written by the latent
-    cache with the init model's autoencoder (checked by hash), or synthetic latents."""
+def open_private(cfg: RunConfig, opts: RunOptions, ctx, init: dict[str, Any]):
+    """The private latents (an IndexedDataset of UNSCALED latents, as the latent cache stores them):
+      * a latent shard folder (`dpldm data encode`): every rank opens it and reads its share by
+        index; the folder must come from the init model's autoencoder (checked by hash);
+      * a source name / image folder / .npz (as `dpldm finetune` takes): rank 0 encodes it once
+        with the frozen encoder and broadcasts the latents (fine for sets that fit in memory;
+        encode large sets beforehand);
+      * --synthetic-latents N: random latents (smoke runs, not private data)."""
     from dpldm.data.loaders import InMemoryDataset, open_private_dataset
 
     if opts.synthetic_latents:
@@ -72,24 +77,42 @@ def open_private(cfg: RunConfig, opts: RunOptions, expected_ae_hash: str | None 
         y = torch.randint(0, cfg.data.num_classes, (opts.synthetic_latents,), generator=g)
         return InMemoryDataset(x, y, kind="latents", num_classes=cfg.data.num_classes)
     folder = Path(cfg.data.private)
-    if not folder.is_dir():
-        raise PlanError(f"data.private={cfg.data.private!r} is not a latent shard folder; encode the private set "
-                        "first (its latents are what the ranks read) or pass --synthetic-latents N for a smoke run")
-    ds = open_private_dataset(folder, expected_ae_hash=expected_ae_hash)
-    if ds.kind != "latents":
-        raise PlanError(f"{folder}: holds {ds.kind}, fine-tuning reads latents (encode the images first)")
-    return ds
+    if folder.is_dir() and (folder / "manifest.json").is_file():
+        ds = open_private_dataset(folder, expected_ae_hash=init["ae_hash"])
+        if ds.kind != "latents":
+            raise PlanError(f"{folder}: holds {ds.kind}, not latents; run `dpldm data encode --shards {folder} "
+                            f"--autoencoder {init['folder']} --out DIR` and set data.private = DIR")
+        return ds
+    payload = None
+    if ctx.is_main:
+        from types import SimpleNamespace
+
+        from dpldm.models.ldm import load_autoencoder
+        from dpldm.train.finetune import load_private_latents
+
+        ae, _, _ = load_autoencoder(init["folder"])
+        data = load_private_latents(cfg, SimpleNamespace(ae=ae.requires_grad_(False)), cfg.data.private, None)
+        payload = (data.dataset.x, data.dataset.y, data.dataset.num_classes)
+    x, y, k = ctx.broadcast_object(payload)
+    return InMemoryDataset(x, y, kind="latents", num_classes=k)
 
 
 def count_private(cfg: RunConfig, opts: RunOptions) -> int:
+    """N without loading the data (dry runs): a latent folder's manifest, or the source's size."""
     if opts.synthetic_latents:
         return int(opts.synthetic_latents)
-    from dpldm.data.manifest import open_shard_folder
-
     folder = Path(cfg.data.private)
-    if not folder.is_dir():
-        raise PlanError(f"data.private={cfg.data.private!r} is not a latent shard folder (or pass --synthetic-latents N)")
-    return int(open_shard_folder(folder).num_examples)
+    if folder.is_dir() and (folder / "manifest.json").is_file():
+        from dpldm.data.manifest import open_shard_folder
+
+        return int(open_shard_folder(folder).num_examples)
+    from dpldm.data.sources import load_source
+
+    try:
+        _, labels, _ = load_source(cfg.data.private, "train")
+    except Exception as e:  # noqa: BLE001 - any source error: say which setting
+        raise PlanError(f"data.private={cfg.data.private!r}: {e}") from None
+    return int(len(labels))
 
 
 # -- per-example diffusion randomness, independent of ranks and chunks --------------------------------
@@ -127,6 +150,54 @@ def make_loss_fn(cfg: RunConfig, schedule, device: torch.device):
 
 
 # -- the run ------------------------------------------------------------------------------------------
+
+RESUME_FREE = {("privacy", "physical_batch_size"), ("privacy", "backend"), ("privacy", "norm_method")}
+
+
+def check_resume(cfg: RunConfig, saved: dict[str, Any], where: str) -> None:
+    """A resumed run trains the same model on the same data with the same mechanism: the model,
+    diffusion and privacy sections must match the checkpoint's (the physical batch, kernel
+    backend and norm method may change with the hardware; they do not change the result)."""
+    now = cfg.to_dict()
+    saved = RunConfig.from_dict(saved, f"{where}/meta.json").to_dict()  # lists -> tuples, as now
+    diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r} != now {now[sec][k]!r}"
+             for sec in ("autoencoder", "unet", "diffusion", "privacy") for k in now[sec]
+             if (sec, k) not in RESUME_FREE and now[sec][k] != saved[sec].get(k)]
+    if cfg.train.finetune != saved["train"]["finetune"]:
+        diffs.append(f"train.finetune: checkpoint {saved['train']['finetune']!r} != now {cfg.train.finetune!r}")
+    if diffs:
+        raise PlanError(f"cannot resume from {where}: the config changed ({'; '.join(diffs)})")
+
+
+class TrainableEMA:
+    """EMA of the trainable tensors (the frozen ones never change, so this is the EMA of the whole
+    UNet, as `dpldm finetune` keeps): first update copies, then ema = d*ema + (1-d)*p. Post-
+    processing of the released updates: no privacy cost. Replicated like the parameters."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.decay = float(decay)
+        self.shadow = {n: p.detach().clone() for n, p in params.items()}
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for n, p in params.items():
+            if self.count == 0:
+                self.shadow[n].copy_(p)
+            else:
+                self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        self.count += 1
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"ema.{n}": t.detach().cpu().clone() for n, t in self.shadow.items()}
+        out["ema_count"] = torch.tensor(self.count, dtype=torch.int64)
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for n, t in self.shadow.items():
+            t.copy_(tensors[f"ema.{n}"].to(device=t.device, dtype=t.dtype))
+        self.count = int(tensors["ema_count"])
+
 
 class _StopFlag:
     """First SIGTERM/SIGUSR1: finish the logical step, checkpoint, exit. A second SIGTERM exits at
@@ -196,15 +267,15 @@ def run(opts: RunOptions) -> int:
 
 
 def _init_state(cfg: RunConfig, out: Path, ctx) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """Rank 0: the UNet weights to start from, and (all ranks) where they come from: the LDM
-    folder, its latent scale factor and its autoencoder's hash (the latents must match it).
-    Without train.init_checkpoint a randomly initialised model is written to out/init_model
-    (smoke runs only)."""
+    """Rank 0: the UNet weights to start from -- the public model's EMA weights when it has them,
+    as `dpldm finetune` does -- and (all ranks) where they come from: the LDM folder, its latent
+    scale factor and its autoencoder's hash. Without train.init_checkpoint a randomly initialised
+    model is written to out/init_model (smoke runs only)."""
     from dpldm.checkpoint import load_checkpoint, unprefixed
     from dpldm.data.latents import ae_state_hash
     from dpldm.models.ldm import LatentDiffusion, _model_folder, save_ldm
 
-    unet_state, info = None, None
+    unet_state, info, problem = None, None, None
     if ctx.is_main:
         if cfg.train.init_checkpoint:
             folder = _model_folder(cfg.train.init_checkpoint)
@@ -217,11 +288,21 @@ def _init_state(cfg: RunConfig, out: Path, ctx) -> tuple[dict[str, torch.Tensor]
                 save_ldm(folder, LatentDiffusion(cfg))
         tensors, meta = load_checkpoint(folder)
         if meta.get("kind") != "ldm":
-            raise PlanError(f"train.init_checkpoint={folder}: expected an LDM folder, got kind {meta.get('kind')!r}")
-        unet_state = unprefixed("unet", tensors)
-        info = {"folder": str(folder), "scale_factor": float(meta.get("scale_factor", 1.0)),
-                "ae_hash": ae_state_hash(unprefixed("ae", tensors))}
-    return unet_state, ctx.broadcast_object(info)
+            problem = f"train.init_checkpoint={folder}: expected an LDM folder, got kind {meta.get('kind')!r}"
+        else:
+            saved, now = RunConfig.from_dict(meta["config"], f"{folder}/meta.json").to_dict(), cfg.to_dict()
+            diffs = [f"{sec}.{k}: recipe {now[sec][k]!r} != init model {saved[sec].get(k)!r}"
+                     for sec in ("autoencoder", "unet") for k in now[sec] if now[sec][k] != saved[sec].get(k)]
+            if diffs:
+                problem = f"train.init_checkpoint={folder} does not match the recipe: {'; '.join(diffs)}"
+            ema = unprefixed("module", unprefixed("ema", tensors))
+            unet_state = ema if ema else unprefixed("unet", tensors)
+            info = {"folder": str(folder), "scale_factor": float(meta.get("scale_factor", 1.0)),
+                    "ae_hash": ae_state_hash(unprefixed("ae", tensors)), "weights": "ema" if ema else "unet"}
+    problem, info = ctx.broadcast_object((problem, info))
+    if problem:
+        raise PlanError(problem)
+    return unet_state, info
 
 
 def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -> int:
@@ -246,7 +327,7 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
     ctx.barrier()
 
     state, init = _init_state(cfg, out, ctx)
-    dataset = open_private(cfg, opts, expected_ae_hash=None if opts.synthetic_latents else init["ae_hash"])
+    dataset = open_private(cfg, opts, ctx, init)
     N = len(dataset)
     plan = ctx.broadcast_object(resolve_plan(cfg, N, ctx.world_size, stage) if ctx.is_main else None)
     resumed = load_latest_dp_checkpoint(ctx, out) if opts.resume == "auto" else None
@@ -264,13 +345,20 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
     unet = model.module
     trainable = model.trainable()
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    from dpldm.train.common import warmup_scheduler
+
+    lr_sched = warmup_scheduler(optimizer, cfg.train.warmup_steps)
+    ema = TrainableEMA(trainable, cfg.train.ema_decay)
     schedule = DiffusionSchedule.from_config(cfg.diffusion)
     noise = GaussianNoise(secure=cfg.privacy.secure_noise, seed=opts.noise_seed)
     dp = DPStep(unet, make_loss_fn(cfg, schedule, ctx.device), ledger, noise=noise, optimizer=optimizer,
                 world=ctx.world(), norm_method=cfg.privacy.norm_method, backend=cfg.privacy.backend)
     if resumed:
         ck_tensors, ck_meta, ck_folder = resumed
+        check_resume(cfg, ck_meta["config"], ck_folder)
         restore_dp_state(model, optimizer, dp, ck_tensors, ck_meta)
+        ema.load(ck_tensors)
+        lr_sched.load_state_dict(ck_meta["scheduler"])
         del ck_tensors
         _log(ctx, opts, f"resumed from {ck_folder}: step {ledger.steps_done}, epsilon spent "
                         f"{ledger.epsilon_spent():.4g} (saved by {ck_meta['world_size']} rank(s), now {ctx.world_size})")
@@ -283,7 +371,7 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
     scale = init["scale_factor"]
     dummy = (torch.zeros((1, *latent_shape(cfg)), device=ctx.device), torch.zeros(1, dtype=torch.int64),
              torch.zeros(1, dtype=torch.int64), 0)
-    meta = {"config": cfg.to_dict(), "init_checkpoint": init["folder"], "plan": plan}
+    meta = {"config": cfg.to_dict(), "init_checkpoint": init["folder"], "init_weights": init["weights"], "plan": plan}
     unet.train()
     done_here = 0
     t_last = time.perf_counter()
@@ -291,6 +379,8 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
     while dp.step_index < cfg.privacy.steps:
         run_logical_step(dp, load, cfg.privacy.physical_batch_size, lockstep=model.lockstep, dummy_batch=dummy,
                          after_pass=model.after_backward if model.stage == 3 else None)
+        lr_sched.step()
+        ema.update(trainable)
         done_here += 1
         s = dp.step_index
         if opts.check_every and s % opts.check_every == 0:
@@ -304,7 +394,8 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
             (opts.stop_after and done_here >= opts.stop_after)
         want_stop = ctx.all_reduce_max_int(int(bool(want_stop)))
         if s % cfg.train.checkpoint_every == 0 or s == cfg.privacy.steps or want_stop:
-            save_dp_checkpoint(ctx, out, model, optimizer, dp, {**meta, "step": s}, keep=cfg.train.keep_checkpoints)
+            save_dp_checkpoint(ctx, out, model, optimizer, dp, {**meta, "step": s, "scheduler": lr_sched.state_dict()},
+                               keep=cfg.train.keep_checkpoints, extra_tensors=ema.tensors())
         if want_stop and s < cfg.privacy.steps:
             stopped = True
             break

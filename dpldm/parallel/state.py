@@ -117,7 +117,8 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], t
 # -- checkpoints ---------------------------------------------------------------------------------
 
 def save_dp_checkpoint(ctx: DistContext, run_dir: str | Path, model, optimizer: torch.optim.Optimizer, dp,
-                       meta: dict[str, Any], keep: int = 3) -> Path | None:
+                       meta: dict[str, Any], keep: int = 3,
+                       extra_tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Collective: check the replicas agree, then rank 0 writes `checkpoints/step_XXXXXXXX/`
     atomically. Returns the folder on rank 0, None elsewhere."""
     trainable = model.trainable()
@@ -133,6 +134,7 @@ def save_dp_checkpoint(ctx: DistContext, run_dir: str | Path, model, optimizer: 
         tensors = {f"train.{n}": p.detach().cpu() for n, p in trainable.items()}
         opt_t, opt_meta = optimizer_tensors(optimizer, names)
         tensors.update(opt_t)
+        tensors.update(extra_tensors or {})
         full_meta = {**meta, "kind": KIND, "privacy": dp.state_dict(), "optimizer": opt_meta,
                      "trainable": names, "world_size": ctx.world_size, "zero_stage": model.stage,
                      "replica_digest": digest}
@@ -183,10 +185,14 @@ def _resolve_checkpoint(path: str | Path) -> Path:
     return steps[-1]
 
 
-def consolidate(checkpoint: str | Path, out: str | Path, init_checkpoint: str | Path | None = None) -> Path:
+def consolidate(checkpoint: str | Path, out: str | Path, init_checkpoint: str | Path | None = None,
+                weights: str = "auto") -> Path:
     """Write a single-process LDM folder (kind "ldm", loadable by dpldm.models.ldm.load_ldm):
-    the init model's autoencoder and frozen UNet weights with the trained tensors put back.
-    The privacy meta kept is public (epsilon, delta, sigma, q, steps): no seed."""
+    the init model's autoencoder and frozen UNet weights with the trained tensors put back --
+    their EMA when the checkpoint has one (weights="auto"/"ema", what `dpldm finetune` releases),
+    else (or with weights="raw") the last iterate. The UNet of the init model is replaced, its
+    EMA dropped (load_ldm then starts a fresh EMA from the released weights). The privacy meta
+    kept is public (epsilon, delta, sigma, q, steps): no seed."""
     from dpldm.privacy.accountant import PrivacyLedger
 
     folder = _resolve_checkpoint(checkpoint)
@@ -202,12 +208,21 @@ def consolidate(checkpoint: str | Path, out: str | Path, init_checkpoint: str | 
     base, base_meta = load_checkpoint(init)
     if base_meta.get("kind") != "ldm":
         raise CheckpointError(f"{init}: expected an LDM folder (kind 'ldm'), got {base_meta.get('kind')!r}")
-    out_tensors = {k: v for k, v in base.items() if k.startswith(("ae.", "unet."))}
+    out_tensors = {k: v for k, v in base.items() if k.startswith("ae.")}
+    ema_base = unprefixed("module", unprefixed("ema", base))
+    start = ema_base if (meta.get("init_weights") == "ema" and ema_base) else unprefixed("unet", base)
+    out_tensors.update({f"unet.{k}": v for k, v in start.items()})  # the weights the run started from
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights must be auto|ema|raw, got {weights!r}")
+    has_ema = all(f"ema.{n}" in tensors for n in meta["trainable"])
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{folder}: holds no EMA of the trained tensors")
+    prefix = "ema" if (has_ema and weights != "raw") else "train"
     for name in meta["trainable"]:
         key = f"unet.{name}"
         if key not in out_tensors:
             raise CheckpointError(f"{init}: has no tensor {key!r} for the trained parameter {name!r}")
-        t = tensors[f"train.{name}"]
+        t = tensors[f"{prefix}.{name}"]
         if tuple(t.shape) != tuple(out_tensors[key].shape):
             raise CheckpointError(f"{key}: trained shape {tuple(t.shape)} != init shape {tuple(out_tensors[key].shape)}")
         out_tensors[key] = t.to(out_tensors[key].dtype)
@@ -215,6 +230,7 @@ def consolidate(checkpoint: str | Path, out: str | Path, init_checkpoint: str | 
     out_meta = {"kind": "ldm", "config": base_meta["config"], "scale_factor": base_meta.get("scale_factor", 1.0),
                 "finetuned": {"from": str(init), "checkpoint": str(folder), "step": meta.get("step"),
                               "finetune": meta.get("config", {}).get("train", {}).get("finetune"),
+                              "weights": "ema" if prefix == "ema" else "last iterate",
                               "privacy": public_privacy_summary(ledger)}}
     return save_checkpoint(out, out_tensors, out_meta)
 
