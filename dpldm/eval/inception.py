@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import time
 import warnings
 from pathlib import Path
@@ -258,8 +259,8 @@ def _save_cached(path: Path, features: np.ndarray) -> None:
 
 @torch.inference_mode()
 def _run_model(images: np.ndarray, device: str, batch_size: int,
-               progress: Optional[Callable[[int], None]]) -> np.ndarray:
-    model = load_inception(device)
+               progress: Optional[Callable[[int], None]], freeze: bool = True) -> np.ndarray:
+    model = load_inception(device, freeze)
     out = np.empty((len(images), FEATURE_DIM), dtype=np.float32)
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
@@ -316,17 +317,47 @@ def extract_features(images: ImageInput, *, batch_size: int = 32, device: str = 
 
 
 def measure_throughput(n_images: int = 32, batch_size: int = 32, device: str = "cpu",
-                       image_size: int = 28) -> dict:
-    """Images per second of preprocessing + the frozen model (after one warm-up batch)."""
+                       image_size: int = 28, freeze: bool = True) -> dict:
+    """Images per second of preprocessing + the model (after one warm-up batch)."""
     device = resolve_device(device)
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(n_images, image_size, image_size, 1), dtype=np.uint8)
-    _run_model(imgs[:min(batch_size, n_images)], device, batch_size, None)  # warm-up
+    _run_model(imgs[:min(batch_size, n_images)], device, batch_size, None, freeze)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    _run_model(imgs, device, batch_size, None)
+    _run_model(imgs, device, batch_size, None, freeze)
     dt = time.perf_counter() - t0
-    return {"images": n_images, "seconds": dt, "images_per_s": n_images / dt, "device": device,
-            "batch_size": batch_size, "threads": torch.get_num_threads()}
+    return {"images": n_images, "seconds": round(dt, 2), "images_per_s": round(n_images / dt, 2),
+            "device": device, "batch_size": batch_size, "threads": torch.get_num_threads(),
+            "frozen": freeze}
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m dpldm.eval.inception`: check the model file and measure feature throughput."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m dpldm.eval.inception", description=_main.__doc__)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--compare-unfrozen", action="store_true", help="also time the unfrozen model")
+    args = p.parse_args(argv)
+    path = find_model_file()
+    print(f"model: {path} (sha1 {verify_model_file(path)} ok)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"cpus: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, load average: {load:.2f}")
+    modes = [True, False] if args.compare_unfrozen else [True]
+    for freeze in modes:
+        r = measure_throughput(args.images, args.batch_size, args.device, args.image_size, freeze)
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
 
 
 __all__: Sequence[str] = [
