@@ -96,6 +96,14 @@ def test_resume_refusals_and_config_errors(runs, tmp_path, capsys):
     assert cli("pretrain-ldm", "--autoencoder", str(runs / "ae"), "--out", str(tmp_path / "y"),
                "--set", "autoencoder.base_channels=16") == 2
     assert "autoencoder.base_channels" in capsys.readouterr().err
+    ldm_args = ("pretrain-ldm", "--autoencoder", str(runs / "ae"), "--out", str(runs / "ldm_cut"), "--no-wandb", "--resume")
+    assert cli(*ldm_args, "--set", "diffusion.timesteps=30", steps={"steps": 4}) == 2
+    assert "diffusion.timesteps" in capsys.readouterr().err
+    # sampling-only settings may change on resume; a finished run just re-saves its model
+    before = tensors_of(runs / "ldm_cut" / "model")
+    assert cli(*ldm_args, "--set", "diffusion.guidance_scale=2.5", steps={"steps": 4}) == 0
+    assert load_ldm(runs / "ldm_cut").cfg.diffusion.guidance_scale == 2.5
+    assert_same_tensors(before, tensors_of(runs / "ldm_cut" / "model"))
 
 
 def test_sample_command_writes_one_row_per_class(runs, tmp_path, capsys):

@@ -55,7 +55,12 @@ class LatentDiffusion(nn.Module):
         return self.ae.decode(z / self.scale_factor).clamp(-1, 1)
 
     def sampling_unet(self, use_ema: bool = True) -> nn.Module:
-        return self.ema.module if use_ema else self.unet
+        return self.ema.module.eval() if use_ema else self.unet
+
+    def _apply(self, fn, recurse: bool = True):  # .to()/.cuda()/.double() also move the EMA copy
+        super()._apply(fn, recurse)
+        self.ema.averaged._apply(fn, recurse)
+        return self
 
     def copy_ema_to_unet(self) -> None:
         """Start from the EMA weights (e.g. before fine-tuning)."""

@@ -15,6 +15,8 @@ from dpldm.cli import UserError
 from dpldm.config import RunConfig, load_config
 
 STREAMS = {"ae": 1, "ldm": 2, "sample": 3}
+# settings that only affect sampling, not training: they may change between a run and its resume
+SAMPLING_ONLY = {"diffusion": {"sampler", "sample_steps", "eta", "guidance_scale"}}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +74,13 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 
 def check_resume_config(cfg: RunConfig, saved: dict[str, Any], sections: tuple[str, ...], where: Path) -> None:
-    """A resumed run must train the same model on the same data: compare those sections."""
+    """A resumed run must train the same model on the same data: compare those sections
+    (sampling-only settings excepted)."""
     saved_cfg = RunConfig.from_dict(saved, f"{where}/meta.json").to_dict()
     now = cfg.to_dict()
     diffs = [f"{s}.{k}: checkpoint {saved_cfg[s][k]!r} != now {now[s][k]!r}"
-             for s in sections for k in now[s] if saved_cfg[s][k] != now[s][k]]
+             for s in sections for k in now[s]
+             if saved_cfg[s][k] != now[s][k] and k not in SAMPLING_ONLY.get(s, ())]
     if diffs:
         raise UserError(f"cannot resume from {where}: the config changed ({'; '.join(diffs)})")
 
