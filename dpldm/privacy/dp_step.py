@@ -154,8 +154,8 @@ class DPStep:
         if self.phase == "reduced":
             self.scale()
         self._need("scaled", part="step")
-        for n, p in self.params.items():
-            p.grad = self.acc[n].to(p.dtype)
+        for n, p in self.params.items():  # a copy: p.grad must not alias the accumulator reused next step
+            p.grad = self.acc[n].to(p.dtype, copy=True)
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
