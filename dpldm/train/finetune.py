@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpldm.checkpoint import load_latest_checkpoint, prefixed, save_step_checkpoint, unprefixed
+from dpldm.checkpoint import (list_step_checkpoints, load_latest_checkpoint, prefixed, save_step_checkpoint,
+                              unprefixed)
 from dpldm.cli import UserError
 from dpldm.config import RunConfig
 from dpldm.diffusion.ema import EMA
@@ -207,6 +208,10 @@ def finetune(cfg: RunConfig, run_dir: Path, *, init: str | None = None, resume: 
     N = len(data)
 
     found = load_latest_checkpoint(run_dir) if resume else None
+    if resume and found is None and list_step_checkpoints(run_dir):
+        raise UserError(f"{run_dir}: --resume, but none of its {len(list_step_checkpoints(run_dir))} step checkpoints "
+                        "can be loaded (see the warnings above); refusing to start over, which would forget the "
+                        "privacy already spent. Restore a checkpoint, or start a new run in another folder")
     if found is not None:
         tensors, meta, folder = found
         if meta.get("kind") != KIND:
