@@ -493,3 +493,12 @@ def test_unet_attention_selection():
     got = clipped_gradient_sum(unet, loss_fn, (z, y, t), C)
     assert set(got) == set(names)
     assert_close(got, reference_clipped_sum(unet, grads, C))
+
+
+def test_layers_called_with_keyword_input():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    loss_fn = lambda m, b: m[1](input=m[0](input=b[0])).pow(3).sum(dim=1)  # noqa: E731
+    grads = per_example_grads(model, loss_fn, (x,), 5)
+    C = sorted(norms_of(grads))[2]
+    assert_close(clipped_gradient_sum(model, loss_fn, (x,), C), reference_clipped_sum(model, grads, C))

@@ -199,9 +199,9 @@ class LayerRule:
 class LinearRule(LayerRule):
     module_type = nn.Linear
 
-    def _apply(self, call, x):
+    def _apply(self, call, input):  # noqa: A002 - nn.Linear.forward's own argument name
         m = self.module
-        return _LinearFn.apply(x, m.weight, m.bias, call)
+        return _LinearFn.apply(input, m.weight, m.bias, call)
 
     def _gather(self, B: int):
         calls = self.done_calls()
@@ -273,9 +273,9 @@ class _NormRuleBase(LayerRule):
 class LayerNormRule(_NormRuleBase):
     module_type = nn.LayerNorm
 
-    def _apply(self, call, x):
+    def _apply(self, call, input):  # noqa: A002
         m = self.module
-        return _LayerNormFn.apply(x, m.weight, m.bias, list(m.normalized_shape), m.eps, call)
+        return _LayerNormFn.apply(input, m.weight, m.bias, list(m.normalized_shape), m.eps, call)
 
     def _xhat_and_g(self, call, B):
         x, mean, rstd = call.a
@@ -290,9 +290,9 @@ class LayerNormRule(_NormRuleBase):
 class GroupNormRule(_NormRuleBase):
     module_type = nn.GroupNorm
 
-    def _apply(self, call, x):
+    def _apply(self, call, input):  # noqa: A002
         m = self.module
-        return _GroupNormFn.apply(x, m.weight, m.bias, m.num_groups, m.eps, call)
+        return _GroupNormFn.apply(input, m.weight, m.bias, m.num_groups, m.eps, call)
 
     def _xhat_and_g(self, call, B):
         x, mean, rstd = call.a  # x (R, C, *spatial), mean/rstd (R, groups)
@@ -317,9 +317,9 @@ class EmbeddingRule(LayerRule):
                 f"embedding '{name}': scale_grad_by_freq couples the examples of a batch (the gradient "
                 "depends on token counts over the whole batch), which breaks per-example clipping")
 
-    def _apply(self, call, idx):
+    def _apply(self, call, input):  # noqa: A002
         m = self.module
-        return _EmbeddingFn.apply(idx, m.weight, m.padding_idx, m.max_norm, m.norm_type, call)
+        return _EmbeddingFn.apply(input, m.weight, m.padding_idx, m.max_norm, m.norm_type, call)
 
     def _gather(self, B):
         calls = self.done_calls()
