@@ -140,20 +140,27 @@ def test_test_images_are_padded_to_the_training_size():
     assert 0 <= evaluate_once(sel, xt, ys[:20]) <= 1
 
 
+@pytest.fixture(scope="module")
+def tiny_selected():
+    """One trained toy classifier for the error tests (errors are raised before it is used)."""
+    x, y = _toy()
+    return train_and_select(x, y, config=TINY)  # 3 classes
+
+
 @pytest.mark.parametrize("labels,match", [
     (np.array([0, 1, 2, 5] * 5), "out of range"),
     (np.array([0, 1, -1, 2] * 5), "out of range"),
     (np.array([0, 1, 2]), "shape"),
     (np.array([0.5, 1, 2, 1] * 5), "integers"),
 ])
-def test_bad_test_labels_are_clear_errors(labels, match):
-    x, y = _toy()
-    sel = train_and_select(x, y, config=TINY)  # 3 classes
+def test_bad_test_labels_are_clear_errors(tiny_selected, labels, match):
+    x, _ = _toy()
     with pytest.raises(UserError, match=match):
-        evaluate_once(sel, x[:20], labels)
+        evaluate_once(tiny_selected, x[:20], labels)
+    assert not tiny_selected.evaluated
 
 
-def test_bad_training_inputs_are_clear_errors():
+def test_bad_training_inputs_are_clear_errors(tiny_selected):
     x, y = _toy()
     with pytest.raises(UserError, match="shape"):
         train_and_select(x.reshape(len(x), -1), y, config=TINY)
@@ -165,7 +172,6 @@ def test_bad_training_inputs_are_clear_errors():
         train_and_select(x, y[:-1], config=TINY)
     with pytest.raises(UserError, match="epochs"):
         ClassifierConfig(epochs=0)
-    sel = train_and_select(x, y, config=TINY)
     rgb = np.repeat(x[:5, ..., None], 3, axis=-1)
     with pytest.raises(UserError, match="channel"):
-        evaluate_once(sel, rgb, y[:5])
+        evaluate_once(tiny_selected, rgb, y[:5])

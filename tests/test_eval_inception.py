@@ -131,6 +131,7 @@ def _import_fid_helper(monkeypatch):
     return FidHelper
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.* inside the package
 def test_matches_the_packages_own_extractor(digits, feats, monkeypatch):
     """Our preprocessing equals FidHelper's (resize 'nv_bilinear_float', range (-1, 0.9921875))."""
     FidHelper = _import_fid_helper(monkeypatch)
