@@ -27,6 +27,21 @@ class UserError(Exception):
     """Bad input from the user: printed as one clear line, exit code 2."""
 
 
+# Errors raised deep inside the library that are about the user's input (a config value, a
+# privacy parameter, a data file, a checkpoint): reported like UserError, never as a traceback.
+# Looked up in sys.modules so that importing the CLI does not import those modules.
+_INPUT_ERRORS = (("dpldm.config", "ConfigError"), ("dpldm.privacy.accountant", "PrivacyParameterError"),
+                 ("dpldm.data.errors", "DataError"), ("dpldm.checkpoint", "CheckpointError"))
+
+
+def _input_error_types() -> tuple[type, ...]:
+    types = [UserError]
+    for module, name in _INPUT_ERRORS:
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpldm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -46,16 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    from dpldm.config import ConfigError
-
     try:
         return int(module.run(args) or 0)
-    except (UserError, ConfigError) as e:
-        print(f"dpldm {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"dpldm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is about the user's input
+        if not isinstance(e, _input_error_types()):
+            raise
+        print(f"dpldm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

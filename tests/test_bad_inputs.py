@@ -44,7 +44,6 @@ RUN = ["privacy.expected_batch_size=8", "privacy.steps=2", "privacy.noise_multip
        "train.checkpoint_every=1"]
 N = 40
 
-OWNER_CLI = "dpldm/cli.py main() (or dpldm/train/finetune.py run())"
 
 
 class Env:
@@ -230,9 +229,6 @@ def _truncated_image_shards(env: Env, out: Path) -> list[str]:
     _truncate(folder / "shard-000000.tar")
     return _encode(folder, out, env.public)
 
-
-TRACEBACK = ("an uncaught {exc} prints a traceback (exit 1) instead of one `dpldm finetune: error:` line; "
-             "owner: " + OWNER_CLI + " should turn {exc} into UserError")
 
 ROWS = [
     # configs

@@ -181,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.private = args.private
     set_threads(cfg)
     tc, pc = cfg.train, cfg.privacy
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
     if not pc.enabled:
         raise UserError("privacy.enabled = false: `dpldm finetune` is the DP fine-tuning command; use "
                         "`bench/utility.py` for the non-private ceiling")
