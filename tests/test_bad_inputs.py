@@ -3,9 +3,8 @@ clear one-line error naming the problem, a non-zero exit code and no partial out
 
 Most rows call `dpldm.cli.main([...])` in-process (cheap; an exception escaping `main` is what
 the interpreter would print as a traceback with exit code 1, and is treated as such); rows marked
-`via="subprocess"` run `python -m dpldm ...` for real. Rows whose owner still has to add the check
-or turn a traceback into a clear error are xfail(strict=True) with the reason; they start passing
-(and then fail as XPASS, so the marker gets removed) once fixed."""
+`via="subprocess"` run `python -m dpldm ...` for real. A row for a check that does not exist yet
+can carry `xfail=<reason>` (strict: it fails as XPASS once fixed, so the marker gets removed)."""
 from __future__ import annotations
 
 import contextlib
