@@ -90,7 +90,7 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-_STEP_NAME = re.compile(r"step_\d{8}")
+_STEP_NAME = re.compile(r"step_(\d{8,})")
 _PARTIAL, _DELETING = ".partial", ".deleting"  # suffixes of folders being written / being removed
 
 
@@ -100,7 +100,8 @@ def list_step_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]  # by step number (names grow past 8 digits after step 99,999,999)
 
 
 def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor],

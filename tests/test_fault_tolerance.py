@@ -262,3 +262,10 @@ def test_keep_last_n_and_fallback_order(tmp_path):
     assert meta["step"] == 4 and tensors["model.w"][0] == 4
     with pytest.raises(ValueError, match="keep"):
         save_step_checkpoint(tmp_path, 6, _ckpt(6), {"kind": "t"}, keep=0)
+
+
+def test_steps_past_eight_digits_stay_in_order(tmp_path):
+    for s in (100_000_000, 99_999_999, 7):
+        save_step_checkpoint(tmp_path, s, _ckpt(s % 1000), {"kind": "t"}, keep=2)
+    assert _steps(tmp_path) == [99_999_999, 100_000_000]  # rotation keeps the two highest steps
+    assert load_latest_checkpoint(tmp_path)[1]["step"] == 100_000_000
