@@ -68,6 +68,8 @@ def test_pretrain_ae_finishes_and_resume_matches_uninterrupted(runs, capsys):
     assert np.isfinite(meta["heldout_mse"])
     assert [p.name for p in list_step_checkpoints(runs / "ae_cut")] == ["step_00000002", "step_00000004"]
     assert_same_tensors(tensors_of(runs / "ae" / "model"), tensors_of(runs / "ae_cut" / "model"))
+    cut_meta = load_checkpoint(runs / "ae_cut" / "model")[1]
+    assert cut_meta["last_train_stats"] == meta["last_train_stats"] and cut_meta["train_wall_s"] > 0
     saved = json.loads((runs / "ae" / "config.json").read_text())
     assert saved["train"]["ae_steps"] == 4 and saved["train"]["wandb"] is False
 
@@ -79,6 +81,9 @@ def test_pretrain_ldm_finishes_and_resume_matches_uninterrupted(runs):
     assert [p.name for p in list_step_checkpoints(runs / "ldm_cut")] == ["step_00000002", "step_00000004"]
     a, b = tensors_of(runs / "ldm" / "model"), tensors_of(runs / "ldm_cut" / "model")
     assert_same_tensors(a, b)
+    cut = load_ldm(runs / "ldm_cut")
+    assert cut.meta["last_loss"] == ldm.meta["last_loss"] and np.isfinite(ldm.meta["last_loss"])
+    assert cut.meta["train_wall_s"] > 0
     assert not torch.equal(a["unet.out.2.weight"], a["ema.out.2.weight"])  # EMA is its own average
     assert (runs / "ldm" / "samples.png").is_file()
 
@@ -125,3 +130,32 @@ def test_wandb_offline_files_stay_in_the_run_folder(tmp_path, monkeypatch):
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_shipped_public_model_loads_and_denoises_glyphs():
+    from dpldm.config import load_config
+    from dpldm.data.codec import images_to_tensor
+    from dpldm.data.glyphs import render_glyphs
+    from dpldm.models.ldm import load_public_model, public_model_path
+
+    assert sum(f.stat().st_size for f in public_model_path().iterdir()) <= 20_000_000
+    ldm = load_public_model()
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
+    assert ldm.cfg.autoencoder == demo.autoencoder and ldm.cfg.unet == demo.unet
+    for key in ("schedule", "timesteps", "beta_start", "beta_end"):
+        assert getattr(ldm.cfg.diffusion, key) == getattr(demo.diffusion, key), key
+    assert ldm.meta["steps"] == ldm.ema.num_updates
+    images, labels = render_glyphs(128, seed=123)
+    x, y = images_to_tensor(images), torch.from_numpy(labels)
+    with torch.no_grad():
+        assert (ldm.ae.decode(ldm.ae.encode(x).mode()) - x).pow(2).mean() < 0.02
+        z = ldm.encode(x)  # scaled latents: unit variance by construction of scale_factor
+        assert 0.8 < z.std().item() < 1.25
+        g = torch.Generator().manual_seed(0)
+        t, noise = torch.randint(100, 900, (128,), generator=g), torch.randn(z.shape, generator=g)
+        x_t = ldm.schedule.q_sample(z, t, noise)
+        unet = ldm.sampling_unet()
+        right = (unet(x_t, t, y) - noise).pow(2).mean().item()
+        wrong = (unet(x_t, t, (y + 7) % 36) - noise).pow(2).mean().item()
+    assert right < 0.2  # predicting eps = 0 scores 1.0
+    assert right < 0.9 * wrong  # the class context matters

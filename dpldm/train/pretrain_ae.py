@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     ae = Autoencoder(cfg.autoencoder)
     opt = torch.optim.AdamW(ae.parameters(), lr=tc.ae_lr, weight_decay=tc.weight_decay)
     sched = warmup_scheduler(opt, tc.warmup_steps)
-    start = 0
+    start, wall_before, last = 0, 0.0, None  # wall_before None: resumed from a checkpoint that did not record it
     if args.resume and (found := load_latest_checkpoint(run_dir)) is not None:
         tensors, meta, folder = found
         if meta.get("kind") != KIND:
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         load_optimizer_tensors(opt, tensors, meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
         start = int(meta["step"])
+        wall_before, last = meta.get("train_wall_s"), meta.get("last_stats")
 
     x_all, _ = load_public_images(cfg)
     total, trainable = sum(p.numel() for p in ae.parameters()), sum(p.numel() for p in ae.parameters() if p.requires_grad)
@@ -101,13 +102,17 @@ def run(args: argparse.Namespace) -> int:
                 f"(trainable {trainable:,}); steps {start}->{tc.ae_steps}, batch {tc.ae_batch_size}, lr {tc.ae_lr}, "
                 f"warmup {tc.warmup_steps}, threads {torch.get_num_threads()}")
     t0 = time.time()
-    stats: dict[str, float] = {}
+
+    def wall() -> float | None:
+        return None if wall_before is None else round(wall_before + time.time() - t0, 1)
+
     try:
         for step in range(start, tc.ae_steps):
             ae.train()
             g = step_generator(tc.seed, step, "ae")
             idx = torch.randint(0, x_all.shape[0], (tc.ae_batch_size,), generator=g)
             loss, stats = ae_loss(ae, x_all[idx], cfg.autoencoder.kl_weight, generator=g)
+            last = {"loss": loss.item(), **stats}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(ae.parameters(), tc.grad_clip)
@@ -116,19 +121,20 @@ def run(args: argparse.Namespace) -> int:
             done = step + 1
             logger.advance()
             if done % tc.log_every == 0 or done == tc.ae_steps:
-                logger.log(done, {"loss": loss.item(), **stats, "grad_norm": grad_norm.item(),
+                logger.log(done, {**last, "grad_norm": grad_norm.item(),
                                   "lr": sched.get_last_lr()[0], "steps_per_s": (done - start) / (time.time() - t0)})
             if done % tc.checkpoint_every == 0 or done == tc.ae_steps:
                 opt_tensors, opt_meta = optimizer_tensors(opt)
                 save_step_checkpoint(run_dir, done, {**prefixed("model", ae.state_dict()), **opt_tensors},
                                      {"kind": KIND, "config": cfg.to_dict(), "optimizer": opt_meta,
-                                      "scheduler": sched.state_dict()}, keep=tc.keep_checkpoints)
+                                      "scheduler": sched.state_dict(), "last_stats": last, "train_wall_s": wall()},
+                                     keep=tc.keep_checkpoints)
         held_out, _ = load_public_images(cfg, split="test", num=min(2000, cfg.data.public_size))
         mse = reconstruction_mse(ae, held_out)
         logger.log(tc.ae_steps, {"heldout_mse": mse})
         out = save_autoencoder(run_dir / "model", ae, cfg,
-                               {"steps": tc.ae_steps, "final_train_stats": stats, "heldout_mse": mse,
-                                "wall_s": round(time.time() - t0, 1)})
+                               {"steps": tc.ae_steps, "last_train_stats": last, "heldout_mse": mse,
+                                "train_wall_s": wall()})
         logger.info(f"[pretrain-ae] held-out reconstruction MSE {mse:.5f} (pixels in [-1, 1]); model saved to {out}")
     finally:
         logger.close()

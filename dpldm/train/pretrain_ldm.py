@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     unet = ldm.unet
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = warmup_scheduler(opt, tc.warmup_steps)
-    start = 0
+    start, wall_before, last_loss = 0, 0.0, None  # wall_before None: resumed from a checkpoint without it
     if found is not None:
         tensors, meta, folder = found
         if meta.get("kind") != KIND:
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         load_optimizer_tensors(opt, tensors, meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
         start = int(meta["step"])
+        wall_before, last_loss = meta.get("train_wall_s"), (meta.get("last_stats") or {}).get("loss")
 
     total, trainable = count_parameters(unet)
     logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.steps, initial_step=start, job="pretrain-ldm")
@@ -106,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
                 f"batch {tc.batch_size}, K {dc.timesteps_per_example}, lr {tc.lr}, warmup {tc.warmup_steps}, "
                 f"cond_drop_prob {dc.cond_drop_prob}, ema_decay {tc.ema_decay}, threads {torch.get_num_threads()}")
     t0 = time.time()
-    last_loss = float("nan")
+
+    def wall() -> float | None:
+        return None if wall_before is None else round(wall_before + time.time() - t0, 1)
+
     try:
         for step in range(start, tc.steps):
             unet.train()
@@ -132,11 +136,12 @@ def run(args: argparse.Namespace) -> int:
                 tensors = {**prefixed("model", unet.state_dict()), **prefixed("ema", ldm.ema.state_dict()), **opt_tensors}
                 save_step_checkpoint(run_dir, done, tensors,
                                      {"kind": KIND, "config": cfg.to_dict(), "optimizer": opt_meta,
-                                      "scheduler": sched.state_dict(), "scale_factor": scale}, keep=tc.keep_checkpoints)
+                                      "scheduler": sched.state_dict(), "scale_factor": scale,
+                                      "last_stats": {"loss": last_loss}, "train_wall_s": wall()}, keep=tc.keep_checkpoints)
         out = save_ldm(run_dir / "model", ldm, {"steps": tc.steps, "last_loss": last_loss,
                                                 "autoencoder": str(args.autoencoder),
                                                 "autoencoder_heldout_mse": ae_meta.get("heldout_mse"),
-                                                "wall_s": round(time.time() - t0, 1)})
+                                                "train_wall_s": wall()})
         logger.info(f"[pretrain-ldm] model saved to {out}")
         classes = torch.arange(min(cfg.unet.num_classes, 36))
         y = classes.repeat_interleave(4)  # one row of 4 per class
