@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from dpldm.cli import UserError
 
-ImagesAndLabels = Sequence  # (images, labels)
 
 
 def subset_indices(n_total: int, n: Optional[int], seed: int = 0) -> np.ndarray:
