@@ -195,7 +195,11 @@ class BookKeepingEngine:
         finally:
             for n, p in params.items():
                 p.grad = stash[n]
-        return self._clip_and_sum(params, B, finite, acc, at, out)
+        try:
+            return self._clip_and_sum(params, B, finite, acc, at, out)
+        except BaseException:
+            self._reset()
+            raise
 
     def _reset(self) -> None:
         for rule in self.rules:
