@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
     p.add_argument("--synthetic-latents", type=int, default=0, metavar="N",
                    help="smoke runs: N random latents instead of data.private (not private data)")
+    p.add_argument("--random-init", action="store_true",
+                   help="smoke runs: fine-tune a randomly initialised model (saved to OUT/init_model) instead of "
+                        "train.init_checkpoint (default: the shipped public glyph model)")
     p.add_argument("--sampling-seed", type=int, help="Poisson plan seed (default: drawn from the OS; keep private)")
     p.add_argument("--noise-seed", type=int,
                    help="TESTS ONLY: seeded noise (whoever knows the seed can subtract the noise)")

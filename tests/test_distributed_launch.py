@@ -31,7 +31,7 @@ import tiny  # noqa: E402
 from test_distributed_ranks import rank_env, spawn  # noqa: E402
 
 STEPS = 4
-RUN_ARGS = ["--synthetic-latents", "24", "--sampling-seed", "5", "--noise-seed", "9"] + [
+RUN_ARGS = ["--random-init", "--synthetic-latents", "24", "--sampling-seed", "5", "--noise-seed", "9"] + [
     a for s in tiny.TINY + ["privacy.expected_batch_size=6", f"privacy.steps={STEPS}", "privacy.noise_multiplier=0.8",
                             "privacy.delta=1e-3", "privacy.physical_batch_size=2", "train.log_every=1",
                             "train.checkpoint_every=100", "train.lr=1e-2"]

@@ -51,6 +51,7 @@ class RunOptions:
     stop_after: int = 0  # >0: stop (checkpoint, exit 0) after this many steps in this invocation
     backend: str = "auto"
     check_every: int = 0  # >0: check replicas are bit-identical every this many steps
+    random_init: bool = False  # smoke runs: a random model instead of train.init_checkpoint
     verbose: bool = True
 
 
@@ -266,26 +267,32 @@ def run(opts: RunOptions) -> int:
         ctx.close()
 
 
-def _init_state(cfg: RunConfig, out: Path, ctx) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+def _init_state(cfg: RunConfig, out: Path, ctx, random_init: bool = False) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """Rank 0: the UNet weights to start from -- the public model's EMA weights when it has them,
     as `dpldm finetune` does -- and (all ranks) where they come from: the LDM folder, its latent
-    scale factor and its autoencoder's hash. Without train.init_checkpoint a randomly initialised
-    model is written to out/init_model (smoke runs only)."""
+    scale factor and its autoencoder's hash. train.init_checkpoint empty or "public": the shipped
+    glyph model. `random_init` (--random-init, smoke runs only): a randomly initialised model,
+    written to out/init_model so that consolidation and resumption find it."""
     from dpldm.checkpoint import load_checkpoint, unprefixed
     from dpldm.data.latents import ae_state_hash
-    from dpldm.models.ldm import LatentDiffusion, _model_folder, save_ldm
+    from dpldm.models.ldm import LatentDiffusion, _model_folder, public_model_path, save_ldm
 
     unet_state, info, problem = None, None, None
     if ctx.is_main:
-        if cfg.train.init_checkpoint:
-            folder = _model_folder(cfg.train.init_checkpoint)
-        else:
+        if random_init:
             folder = out / "init_model"
             if not (folder / "meta.json").is_file():
-                print("warning: train.init_checkpoint is empty: fine-tuning a RANDOMLY initialised model (smoke run); "
+                print("warning: --random-init: fine-tuning a RANDOMLY initialised model (smoke run); "
                       f"it is saved to {folder}", flush=True)
                 torch.manual_seed(cfg.train.seed)
                 save_ldm(folder, LatentDiffusion(cfg))
+        elif cfg.train.init_checkpoint and cfg.train.init_checkpoint != "public":
+            folder = _model_folder(cfg.train.init_checkpoint)
+        else:
+            folder = public_model_path()  # as `dpldm finetune`: the shipped glyph model
+        if not (folder / "meta.json").is_file():
+            problem = f"init model {folder} not found (train.init_checkpoint)"
+    if ctx.is_main and not problem:
         tensors, meta = load_checkpoint(folder)
         if meta.get("kind") != "ldm":
             problem = f"train.init_checkpoint={folder}: expected an LDM folder, got kind {meta.get('kind')!r}"
@@ -326,7 +333,7 @@ def _train(cfg: RunConfig, opts: RunOptions, ctx, ds_config: dict, stage: int) -
         save_resolved(cfg, out)
     ctx.barrier()
 
-    state, init = _init_state(cfg, out, ctx)
+    state, init = _init_state(cfg, out, ctx, opts.random_init)
     dataset = open_private(cfg, opts, ctx, init)
     N = len(dataset)
     plan = ctx.broadcast_object(resolve_plan(cfg, N, ctx.world_size, stage) if ctx.is_main else None)
@@ -421,7 +428,7 @@ def options_from_args(args) -> RunOptions:
                       resume=args.resume, dry_run=args.dry_run, hostfile=args.hostfile, world_size=args.world_size,
                       synthetic_latents=args.synthetic_latents, sampling_seed=args.sampling_seed,
                       noise_seed=args.noise_seed, stop_after=args.stop_after, backend=args.backend,
-                      check_every=args.check_every)
+                      check_every=args.check_every, random_init=args.random_init)
 
 
 def main_consolidate(checkpoint: str, out: str | None, init: str | None) -> int:
