@@ -85,9 +85,8 @@ def test_plan_numbers_and_world_size_error():
     assert plan["frozen_bytes_per_rank_zero3"] == 160 and plan["frozen_bytes_per_rank_zero0"] == 320
     with pytest.raises(PlanError, match="larger than the expected logical batch"):
         resolve_plan(c, tiny.N, tiny.EXPECTED + 1, 0)
-    calibrated = resolve_plan(tiny.cfg(["privacy.noise_multiplier=nan"]) if False else
-                              tiny.cfg(["privacy.epsilon=5.0"]), 1000, 1, 0)
-    assert calibrated["noise_multiplier"] == 1.0  # explicit sigma wins over the target epsilon
+    explicit = resolve_plan(tiny.cfg(["privacy.epsilon=5.0"]), 1000, 1, 0)
+    assert explicit["noise_multiplier"] == 1.0 and not explicit["sigma_calibrated"]  # sigma wins over the target
 
 
 # -- chunking: equal counts on every rank, bounded chunks, a partition of the sample ----------------
