@@ -19,6 +19,10 @@ except ImportError:  # pragma: no cover
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that starts real launchers or subprocess ranks (still run by make test)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -140,10 +140,11 @@ def test_shipped_public_model_loads_and_denoises_glyphs():
 
     assert sum(f.stat().st_size for f in public_model_path().iterdir()) <= 20_000_000
     ldm = load_public_model()
-    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
-    assert ldm.cfg.autoencoder == demo.autoencoder and ldm.cfg.unet == demo.unet
-    for key in ("schedule", "timesteps", "beta_start", "beta_end"):
-        assert getattr(ldm.cfg.diffusion, key) == getattr(demo.diffusion, key), key
+    for recipe in ("glyphs_pretrain.toml", "demo.toml"):  # the pretraining recipe and the DP demo's
+        demo = load_config(Path(__file__).resolve().parents[1] / "configs" / recipe)
+        assert ldm.cfg.autoencoder == demo.autoencoder and ldm.cfg.unet == demo.unet, recipe
+        for key in ("schedule", "timesteps", "beta_start", "beta_end"):
+            assert getattr(ldm.cfg.diffusion, key) == getattr(demo.diffusion, key), key
     assert ldm.meta["steps"] == ldm.ema.num_updates
     images, labels = render_glyphs(128, seed=123)
     x, y = images_to_tensor(images), torch.from_numpy(labels)

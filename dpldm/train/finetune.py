@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from dpldm.diffusion.ema import EMA
 from dpldm.diffusion.loss import per_example_loss
 from dpldm.models.ldm import LatentDiffusion, load_ldm, load_public_model, public_model_path, save_ldm
 from dpldm.models.selection import apply_finetune, count_parameters
-from dpldm.privacy import DPStep, GaussianNoise, PrivacyLedger, World
+from dpldm.privacy import DPStep, GaussianNoise, PrivacyLedger
 from dpldm.train.common import (add_common_arguments, check_resume_config, load_optimizer_tensors, optimizer_tensors,
                                 refuse_to_clobber, resolve_config, set_threads, warmup_scheduler)
 from dpldm.utils.logging import RunLogger
@@ -195,9 +196,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def finetune(cfg: RunConfig, run_dir: Path, *, init: str | None = None, resume: bool = False,
-             max_steps: int | None = None, world: World | None = None) -> dict[str, Any]:
-    """Run (or continue) DP fine-tuning; returns {"model": path, "privacy": report, ...}."""
+             max_steps: int | None = None) -> dict[str, Any]:
+    """Run (or continue) single-process DP fine-tuning; returns {"model": path, "privacy": report, ...}.
+
+    Several ranks go through `launch/train.py` (dpldm.parallel.runner): one shared Poisson plan
+    and ledger, lock-step chunks under ZeRO-3, rank-0 checkpoints."""
     tc, pc, dc = cfg.train, cfg.privacy, cfg.diffusion
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    if world_size > 1:
+        raise UserError(f"`dpldm finetune` is single-process but WORLD_SIZE/SLURM_NTASKS = {world_size}: launch "
+                        "several ranks with `deepspeed launch/train.py ...` (or torchrun/srun), see docs/distributed.md")
     ldm, init_path = resolve_init(argparse.Namespace(init=init), cfg)
     check_model_config(cfg, ldm, init_path)
     ldm.cfg = cfg  # sampling options and the saved config come from the recipe
@@ -232,8 +240,7 @@ def finetune(cfg: RunConfig, run_dir: Path, *, init: str | None = None, resume: 
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = warmup_scheduler(opt, tc.warmup_steps)
     loss_fn = DiffusionLossFn(ldm, cfg, tc.seed)
-    dp = DPStep(unet, loss_fn, ledger, noise=noise, optimizer=opt, world=world,
-                norm_method=pc.norm_method, backend=pc.backend)
+    dp = DPStep(unet, loss_fn, ledger, noise=noise, optimizer=opt, norm_method=pc.norm_method, backend=pc.backend)
     ema = EMA(unet, tc.ema_decay)
     if found is not None:
         tensors, meta, folder = found
