@@ -343,8 +343,8 @@ def test_agrees_with_opacus_hooks():
 
 
 def test_unsupported_trainable_layer_refused_at_setup():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
-    with pytest.raises(UnsupportedLayerError, match=r"'0\.weight'.*Conv2d"):
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))  # (Conv2d has a rule)
+    with pytest.raises(UnsupportedLayerError, match=r"'0\.weight'.*Conv1d"):
         BookKeepingEngine(model, 1.0)
     model[0].requires_grad_(False)
     BookKeepingEngine(model, 1.0)  # frozen conv is fine

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from dpldm.kernels import choose_method, resolve_backend
-from dpldm.privacy.layers import LayerRule, LinearRule, RowMismatchError, UnsupportedLayerError, rule_for
+from dpldm.privacy.layers import (Conv2dRule, LayerRule, LinearRule, RowMismatchError, UnsupportedLayerError,
+                                  rule_for)
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
            "RowMismatchError", "clipped_gradient_sum", "NORM_METHODS", "NONFINITE_RULES"]
@@ -66,10 +67,13 @@ class BookKeepingEngine:
     """Per-example clipping for `model`'s trainable parameters (see module docstring).
 
     Supported trainable layers: nn.Linear (on (B, d) vectors or (B, ..., d) sequences),
-    nn.LayerNorm and nn.GroupNorm affine parameters, nn.Embedding. Any other trainable parameter
-    is refused here, at set-up, with an error naming it. A module called several times in one
-    forward is handled (its calls are rows of the same example); one Parameter shared between
-    two modules is refused."""
+    nn.Conv2d (groups=1, padding_mode='zeros'; any kernel, stride, padding, dilation; bias
+    optional; computed as a Linear on the unfolded input), nn.LayerNorm and nn.GroupNorm affine
+    parameters, nn.Embedding. Any other trainable parameter (e.g. nn.Conv1d/Conv3d,
+    nn.ConvTranspose2d, a grouped or depthwise Conv2d) is refused here, at set-up, with an error
+    naming it. `norm_method` applies to the Linear and Conv2d rules. A module called several
+    times in one forward is handled (its calls are rows of the same example); one Parameter
+    shared between two modules is refused."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float, *, norm_method: str = "auto",
                  backend: str = "auto", nonfinite: str = "raise") -> None:
@@ -114,8 +118,8 @@ class BookKeepingEngine:
                 full = f"{mname}.{attr}" if mname else attr
                 raise UnsupportedLayerError(
                     f"trainable parameter '{full}' belongs to a {type(module).__name__} ('{mname or '<root>'}'), "
-                    "which has no per-example clipping rule (supported: nn.Linear, nn.LayerNorm, nn.GroupNorm "
-                    "affine, nn.Embedding, or subclasses that keep their forward); freeze it "
+                    "which has no per-example clipping rule (supported: nn.Linear, nn.Conv2d with groups=1, "
+                    "nn.LayerNorm, nn.GroupNorm affine, nn.Embedding, or subclasses that keep their forward); freeze it "
                     "(requires_grad_(False)) or move it into a supported layer")
             rule_cls.check(mname, module)
             self.rules.append(rule_cls(mname, module))
@@ -242,21 +246,23 @@ class BookKeepingEngine:
         return ChunkResult(sums, B, n_drop)
 
     def _method(self, rule: LayerRule, B: int) -> str:
-        if not isinstance(rule, LinearRule):
+        if not isinstance(rule, (LinearRule, Conv2dRule)):
             return "auto"
         if self.norm_method != "auto":
             self.methods[rule.name] = self.norm_method
             return self.norm_method
         calls = rule.done_calls()
         if calls and B:  # record what the kernels' "auto" picks (for reports; the kernels decide)
-            # T' = rows per example over all calls: (B*K, T, d) counts as K*T rows
-            T = sum(c.a.numel() // c.a.shape[-1] for c in calls) // B
-            m = rule.module
+            if isinstance(rule, Conv2dRule):  # the Linear view: T' = K*L*calls rows, d_in = C_in*kh*kw
+                T, d_in, d_out = rule.dims(B)
+            else:  # T' = rows per example over all calls: (B*K, T, d) counts as K*T rows
+                T = sum(c.a.numel() // c.a.shape[-1] for c in calls) // B
+                d_in, d_out = rule.module.in_features, rule.module.out_features
             try:
                 backend = resolve_backend(self.backend, calls[0].a.device)
-                self.methods[rule.name] = choose_method(max(T, 1), m.in_features, m.out_features, backend)
+                self.methods[rule.name] = choose_method(max(T, 1), d_in, d_out, backend)
             except TypeError:  # kernels without the backend argument
-                self.methods[rule.name] = choose_method(max(T, 1), m.in_features, m.out_features)
+                self.methods[rule.name] = choose_method(max(T, 1), d_in, d_out)
         return "auto"
 
 

@@ -1,8 +1,8 @@
 """Per-layer rules of the book-keeping clipping engine (written by hand for dpldm).
 
-While the engine captures a forward pass, every trainable nn.Linear / nn.LayerNorm /
-nn.GroupNorm / nn.Embedding runs through a small autograd Function instead of its usual
-forward. The Function computes the same output, and in the backward pass:
+While the engine captures a forward pass, every trainable nn.Linear / nn.Conv2d /
+nn.LayerNorm / nn.GroupNorm / nn.Embedding runs through a small autograd Function instead of
+its usual forward. The Function computes the same output, and in the backward pass:
   * returns the gradient of the layer *input* only (so autograd never forms the batch-summed
     weight gradient: no wasted GEMM, and `param.grad` stays untouched);
   * records, per call, the layer input A (already kept alive for the backward anyway) and the
@@ -17,6 +17,13 @@ contiguously (`repeat_interleave`). `regroup` views those rows as one sequence p
 (cross terms between its K copies included). A layer called several times in one forward
 (weight sharing) keeps one record per call; the calls are concatenated as extra sequence rows
 of the same example, which again gives the exact per-example gradient.
+
+Conv2d (groups=1, zero padding) is a Linear on the unfolded input: A = unfold(x) as
+(R, L, C_in*kh*kw) with L output positions, G = grad_output as (R, L, C_out); the Linear kernels
+then give the per-example norms (ghost or materialised) and the clipped weight sum, reshaped to
+(C_out, C_in, kh, kw); the bias gradient is the sum of G over positions. The unfolded A is
+kh*kw times the layer input, so it is built per layer when needed and dropped right after
+(once for the norm, once for the sum), never held for all layers at once.
 """
 from __future__ import annotations
 
@@ -137,6 +144,49 @@ class _GroupNormFn(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+def _conv_pads(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of a Conv2d, its string forms ('valid', 'same')
+    resolved the way nn.Conv2d / F.conv2d do ('same': the odd extra row/column goes bottom/right)."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        out = []
+        for d, k in zip(module.dilation, module.kernel_size):  # 'same'
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)  # type: ignore[return-value]
+    ph, pw = module.padding
+    return (ph, ph, pw, pw)
+
+
+class _Conv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, pads, call):  # x: (R, C_in, H, W)
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.call = (stride, padding, dilation, pads), call
+        return F.conv2d(x, weight, bias, stride, padding, dilation, 1)  # exactly nn.Conv2d's call
+
+    @staticmethod
+    def backward(ctx, g):  # g: (R, C_out, H_out, W_out)
+        x, weight = ctx.saved_tensors
+        ctx.call.a, ctx.call.g = x.detach(), g.detach()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            stride, padding, dilation, (top, bottom, left, right) = ctx.conv
+            w = weight.detach().to(g.dtype)
+            if top == bottom and left == right:
+                xin = x.detach() if x.dtype == g.dtype else g.new_empty(1).expand(x.shape)
+                grad_x = torch.ops.aten.convolution_backward(
+                    g, xin, w, None, list(stride), [top, left], list(dilation), False, [0, 0], 1,
+                    [True, False, False])[0]
+            else:  # asymmetric padding='same' (even kernel): differentiate F.conv2d itself
+                with torch.enable_grad():
+                    xr = x.detach().to(g.dtype).requires_grad_(True)
+                    y = F.conv2d(xr, w, None, stride, padding, dilation, 1)
+                    (grad_x,) = torch.autograd.grad(y, xr, g)
+        return grad_x, None, None, None, None, None, None, None
+
+
 class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx, weight, padding_idx, max_norm, norm_type, call):
@@ -231,6 +281,96 @@ class LinearRule(LayerRule):
             w, b = kernels.clipped_sum_linear(A, G, coef, bias=has_b, backend=backend)
             return {"weight": w, "bias": b} if has_b else {"weight": w}
         return {"bias": (G * coef.to(G.dtype).view(-1, 1, 1)).sum(dim=(0, 1))}
+
+
+class Conv2dRule(LayerRule):
+    """nn.Conv2d with groups=1 and padding_mode='zeros' (any kernel, stride, padding, dilation;
+    bias optional) as a Linear on the unfolded input (see the module docstring)."""
+
+    module_type = nn.Conv2d
+
+    @classmethod
+    def check(cls, name, module):
+        where = f"conv layer '{name or '<root>'}' ({type(module).__name__})"
+        if module.groups != 1:
+            raise UnsupportedLayerError(
+                f"{where}: groups={module.groups} is not supported by the DP engine (only groups=1); "
+                "freeze it (requires_grad_(False)) or use a groups=1 convolution")
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"{where}: padding_mode={module.padding_mode!r} is not supported by the DP engine "
+                "(only 'zeros'); freeze it (requires_grad_(False)) or pad explicitly before the conv")
+        if type(module)._conv_forward is not nn.Conv2d._conv_forward:
+            raise UnsupportedLayerError(
+                f"{where}: overrides _conv_forward, so its output is not a plain convolution; "
+                "the DP engine has no per-example rule for it")
+
+    def __init__(self, name, module):
+        super().__init__(name, module)
+        self._pads = _conv_pads(module)
+
+    def _apply(self, call, input):  # noqa: A002 - nn.Conv2d.forward's own argument name
+        m = self.module
+        if input.dim() != 4:
+            raise ValueError(f"layer '{self.name}' (Conv2d): the DP engine needs batched input (R, C, H, W), "
+                             f"got shape {tuple(input.shape)}")
+        return _Conv2dFn.apply(input, m.weight, m.bias, m.stride, m.padding, m.dilation, self._pads, call)
+
+    def dims(self, B: int) -> tuple[int, int, int] | None:
+        """(rows T per example over all calls, d_in = C_in*kh*kw, d_out = C_out) of the Linear view."""
+        calls = self.done_calls()
+        if not calls or not B:
+            return None
+        m = self.module
+        T = sum(c.g.numel() // m.out_channels for c in calls) // B
+        return max(T, 1), m.in_channels * math.prod(m.kernel_size), m.out_channels
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:  # (R, C_in, H, W) -> (R, L, C_in*kh*kw)
+        m = self.module
+        top, bottom, left, right = self._pads
+        if top == bottom and left == right:
+            cols = F.unfold(x, m.kernel_size, m.dilation, (top, left), m.stride)
+        else:
+            cols = F.unfold(F.pad(x, (left, right, top, bottom)), m.kernel_size, m.dilation, 0, m.stride)
+        return cols.transpose(1, 2)
+
+    def _grads(self, B: int, calls: list[_Call]) -> torch.Tensor:  # G (B, T', C_out)
+        where = f"layer '{self.name}' (Conv2d) output grad"
+        C_out = self.module.out_channels
+        return _cat_rows([regroup(c.g.reshape(c.g.shape[0], C_out, -1).transpose(1, 2), B, where) for c in calls])
+
+    def _inputs(self, B: int, calls: list[_Call], dtype: torch.dtype) -> torch.Tensor:  # A (B, T', D)
+        where = f"layer '{self.name}' (Conv2d) input"
+        return _cat_rows([regroup(self._unfold(c.a.to(dtype)), B, where) for c in calls])
+
+    def sqnorm(self, B, *, method, backend):
+        calls = self.done_calls()
+        if not calls:
+            self._prep = None
+            return None
+        self._prep = calls  # the raw records: A is unfolded again for the sum (memory, see above)
+        dt = calls[0].a.dtype
+        G = self._grads(B, calls).to(dt)  # checks the rows before the (kh*kw times larger) unfold
+        has_b = "bias" in self.trainable
+        if "weight" not in self.trainable:
+            return G.sum(dim=1).pow(2).sum(dim=1)  # bias only: (B,)
+        A = self._inputs(B, calls, dt)
+        return kernels.per_example_sqnorm_linear(A, G, bias=has_b, method=method, backend=backend)
+
+    def clipped_sums(self, coef, keep, *, backend):
+        if self._prep is None:
+            return {}
+        calls = self._prep
+        dt = calls[0].a.dtype
+        B = coef.shape[0]
+        G = _mask_rows(self._grads(B, calls).to(dt), keep)
+        has_b = "bias" in self.trainable
+        if "weight" not in self.trainable:
+            return {"bias": (G * coef.to(G.dtype).view(-1, 1, 1)).sum(dim=(0, 1))}
+        A = _mask_rows(self._inputs(B, calls, dt), keep)
+        w, b = kernels.clipped_sum_linear(A, G, coef, bias=has_b, backend=backend)
+        w = w.reshape(self.module.weight.shape)
+        return {"weight": w, "bias": b} if has_b else {"weight": w}
 
 
 class _NormRuleBase(LayerRule):
@@ -348,7 +488,7 @@ class EmbeddingRule(LayerRule):
         return {"weight": kernels.embedding_clipped_sum(idx, G, coef, self.module.num_embeddings, backend=backend)}
 
 
-RULES: tuple[type[LayerRule], ...] = (LinearRule, LayerNormRule, GroupNormRule, EmbeddingRule)
+RULES: tuple[type[LayerRule], ...] = (LinearRule, Conv2dRule, LayerNormRule, GroupNormRule, EmbeddingRule)
 
 
 def rule_for(module: nn.Module) -> type[LayerRule] | None:
