@@ -31,12 +31,15 @@ test: install
 bench: install
 	$(PY) bench/dp_step.py --quick
 	$(PY) bench/kernels.py --quick
+	$(PY) bench/data.py --quick
+	$(PY) bench/scaling.py --quick
 
 results: install
 	$(PY) bench/utility.py
 
 lint: install
-	$(PY) -m pyflakes dpldm kernels launch bench tests 2>/dev/null || $(PY) -m compileall -q dpldm kernels launch bench tests
+	$(PY) -m pyflakes dpldm kernels launch bench tests
+	bash -n launch/slurm/finetune.sbatch
 
 clean-venv:
 	rm -rf $(VENV)
