@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--samples-per-class", type=int, default=100)
+    p.add_argument("--samples-per-class", type=int, default=200)
     p.add_argument("--fid-samples", type=int, default=200)
     p.add_argument("--no-fid", action="store_true")
     p.add_argument("--out", default=str(ROOT / "runs" / "results"))

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(REPO_CONFIG), help="fine-tuning recipe (default configs/demo.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--out", default="runs/demo", help="run folder")
-    parser.add_argument("--samples-per-class", type=int, default=200, help="synthetic samples per class")
+    parser.add_argument("--samples-per-class", type=int, default=300, help="synthetic samples per class")
     parser.add_argument("--fid-samples", type=int, default=500,
                         help="synthetic (and real) images through Inception for FID/KID; ~3 images/s on 2 CPU cores")
     parser.add_argument("--no-fid", action="store_true", help="skip FID/KID (downstream accuracy only)")
