@@ -66,6 +66,10 @@ def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, pa
     return save_image_grid(x, path, nrow=per_row, upscale=2)
 
 
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def report_table(rows: dict[str, Any]) -> str:
     lines = ["| quantity | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                                        f"({fmt['finetune']} + class embedder)",
         "FID (samples vs real train)": f"{fmt['fid']} ({fmt['fid_n_samples']} vs {fmt['fid_n_real']})",
         "KID": f"{fmt['kid']} ± {fmt['kid_std']}",
-        "downstream accuracy (real test)": f"{fmt['accuracy']} ({fmt['n_test_real']} real test images, "
+        "downstream accuracy (real test)": f"{_percent(report['accuracy'])} ({fmt['n_test_real']} real test images, "
                                            f"CNN trained on {report['n_synthetic']} synthetic)",
         "wall time (s)": f"{fmt['wall_time_s']} (fine-tune {fmt['seconds_finetune']}, sampling {fmt['seconds_sampling']})",
     })
