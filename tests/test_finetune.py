@@ -82,3 +82,22 @@ def test_resume_equals_uninterrupted(setup):
     a, b = load_ldm(full["model"]), load_ldm(resumed["model"])
     for (n, x), (_, y) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
         assert torch.equal(x, y), n
+
+
+def test_every_shipped_recipe_loads_and_builds_its_attention_selection():
+    """configs/*.toml and configs/paper/*.toml are valid recipes whose finetune spec selects
+    attention modules that exist in their UNet (built on the meta device: no memory)."""
+    from pathlib import Path
+
+    from dpldm.models.selection import apply_finetune
+    from dpldm.models.unet import UNet
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = sorted(root.glob("*.toml")) + sorted((root / "paper").glob("*.toml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        cfg = load_config(path)
+        with torch.device("meta"):
+            unet = UNet(cfg.unet)
+        names = apply_finetune(unet, cfg.train.finetune)
+        assert names, path
