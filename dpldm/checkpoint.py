@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import warnings
@@ -21,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dpldm.utils.io import atomic_path, atomic_write_text
+from dpldm.utils.io import atomic_path, atomic_write_text, fsync_dir
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -131,20 +130,6 @@ def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torc
     for old in list_step_checkpoints(run_dir)[:-keep]:
         _remove(old)
     return folder
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames inside `folder` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove(folder: Path) -> None:

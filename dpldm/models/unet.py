@@ -18,7 +18,7 @@ from torch import nn
 
 from dpldm.config import UNetConfig
 from dpldm.models.attention import SpatialTransformer
-from dpldm.models.autoencoder import group_norm
+from dpldm.models.autoencoder import Upsample, group_norm
 from dpldm.models.embedders import ClassEmbedder
 
 
@@ -59,15 +59,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
