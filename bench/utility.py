@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fid-samples", type=int, default=200)
     p.add_argument("--no-fid", action="store_true")
     p.add_argument("--out", default=str(ROOT / "runs" / "results"))
+    p.add_argument("--threads", type=int, default=2, help="torch threads (run two invocations with 1 each on 2 cores)")
     return p.parse_args()
 
 
@@ -142,7 +143,7 @@ def run_dp_classifier(cfg: RunConfig, epsilon: float) -> dict:
 
 def main() -> int:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
