@@ -268,3 +268,13 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
                             "--expt-relaxed-constexpr", "-gencode", "arch=compute_90,code=sm_90", *incs],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(__import__("os").environ.get("DPLDM_REQUIRE_EXT") != "1",
+                    reason="only where the C++ extension must exist (CI sets DPLDM_REQUIRE_EXT=1)")
+def test_cpp_extension_was_built():
+    """CI must not pass with the C++ tests silently skipped because the build failed."""
+    import importlib
+
+    ext = importlib.import_module("dpldm._C")
+    assert hasattr(ext, "__file__")
