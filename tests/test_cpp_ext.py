@@ -12,28 +12,13 @@ from hypothesis import strategies as st
 
 import dpldm.kernels as K
 from dpldm.kernels import dispatch
+from helpers import make, rel
 
 C = dispatch.cpp_ext()
 pytestmark = pytest.mark.skipif(C is None, reason="dpldm._C is not built (python setup.py build_ext --inplace)")
 
 SHAPES = [(B, T, d_in, d_out) for B in (0, 1, 3) for T in (1, 3, 77) for (d_in, d_out) in ((24, 40), (40, 24))]
 SHAPES += [(2, 130, 70, 33), (5, 257, 24, 130)]  # several T tiles (ghost) / K chunks / d panels
-
-
-def rel(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    if a.numel() == 0:
-        return 0.0
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def make(B, T, d_in, d_out, dtype=torch.float32, masked=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(B, T, d_in, generator=g).to(dtype)
-    G = torch.randn(B, T, d_out, generator=g).to(dtype)
-    mask = (torch.rand(B, T, generator=g) > 0.35).float() if masked else None
-    coef = torch.rand(B, generator=g).to(dtype)
-    return A, G, mask, coef
 
 
 @pytest.mark.parametrize("B,T,d_in,d_out", SHAPES)

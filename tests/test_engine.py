@@ -14,53 +14,12 @@ from torch import nn
 
 from dpldm.privacy import (BookKeepingEngine, NonFiniteGradientError, RowMismatchError, UnsupportedLayerError,
                            clipped_gradient_sum)
+from helpers import assert_close, norms_of, per_example_grads, reference_clipped_sum
 
 DT = torch.float64
 
 
 # --- independent reference --------------------------------------------------------------------------
-
-def per_example_grads(model, loss_fn, batch, B):
-    """[{name: grad}] per example, each from that example's own loss (batch of one)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    out = []
-    for i in range(B):
-        loss = loss_fn(model, take(batch, i))
-        assert loss.shape == (1,)
-        gs = torch.autograd.grad(loss[0], list(params.values()), allow_unused=True)
-        out.append({n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), gs)})
-    return out
-
-
-def reference_clipped_sum(model, grads, C):
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for g in grads:
-        norm = math.sqrt(sum(float((t ** 2).sum()) for t in g.values()))
-        c = min(1.0, C / (norm + 1e-6))
-        for n in total:
-            total[n] += c * g[n]
-    return total
-
-
-def norms_of(grads):
-    return [math.sqrt(sum(float((t ** 2).sum()) for t in g.values())) for g in grads]
-
-
-def take(batch, i):
-    return tuple(t[i:i + 1] for t in batch)
-
-
-def assert_close(got, want, rel=1e-6):
-    """Relative `rel` per tensor; a tensor whose exact value is ~0 (e.g. a bias feeding a
-    per-channel GroupNorm) is compared against the largest entry of the whole gradient."""
-    assert set(got) == set(want)
-    overall = max([float(t.abs().max()) for t in want.values() if t.numel()] + [1e-30])
-    for n in want:
-        scale = max(float(want[n].abs().max()), 1e-6 * overall)
-        err = float((got[n] - want[n]).abs().max())
-        assert err <= rel * scale, f"{n}: max err {err:.3e} vs scale {scale:.3e}"
-
 
 # --- models: each with a per-example loss that repeats every example K times ------------------------
 
