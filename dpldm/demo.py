@@ -66,6 +66,14 @@ def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, pa
     return save_image_grid(x, path, nrow=per_row, upscale=2)
 
 
+def _kid_text(report: dict[str, Any]) -> str:
+    """KID with its std over subsets; no std when every subset is the whole set (std 0 by design)."""
+    kid, std = report.get("kid"), report.get("kid_std")
+    if kid is None:
+        return "n/a"
+    return f"{kid:.4g}" if not std or std < 1e-12 else f"{kid:.4g} ± {std:.2g}"
+
+
 def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         "trainable / UNet parameters": f"{report['trainable_parameters']:,} / {report['total_unet_parameters']:,} "
                                        f"({fmt['finetune']} + class embedder)",
         "FID (samples vs real train)": f"{fmt['fid']} ({fmt['fid_n_samples']} vs {fmt['fid_n_real']})",
-        "KID": f"{fmt['kid']} ± {fmt['kid_std']}",
+        "KID": _kid_text(report),
         "downstream accuracy (real test)": f"{_percent(report['accuracy'])} ({fmt['n_test_real']} real test images, "
                                            f"CNN trained on {report['n_synthetic']} synthetic)",
         "wall time (s)": f"{fmt['wall_time_s']} (fine-tune {fmt['seconds_finetune']}, sampling {fmt['seconds_sampling']})",
