@@ -68,3 +68,32 @@ def assert_close(got, want, rel=1e-6):
         scale = max(float(want[n].abs().max()), 1e-6 * overall)
         err = float((got[n] - want[n]).abs().max())
         assert err <= rel * scale, f"{n}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+def repeat_k(x, K, shifts):
+    """(B, ...) -> (B*K, ...) contiguous copies, copy k shifted by shifts[k] (deterministic)."""
+    xr = x.repeat_interleave(K, dim=0)
+    if shifts is not None:
+        xr = xr + shifts.repeat(x.shape[0], *([1] * (x.dim() - 1)))
+    return xr
+
+
+def unet_k_case(unet, dtype=torch.float64):
+    """A K=2 diffusion-like per-example loss on a tiny UNet (2 latent channels, 8x8): weights
+    re-drawn N(0, 0.2) so zero-initialised output layers do not hide gradients.
+    Returns (loss_fn, batch, B)."""
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.2)
+    B, K = 3, 2
+    z = torch.randn(B, 2, 8, 8, dtype=dtype)
+    y = torch.tensor([0, 2, 3])  # 3 = the null class of a 3-class UNet
+    t = torch.tensor([5, 100, 700])
+    shift = torch.randn(K, 2, 8, 8, dtype=dtype) * 0.5
+
+    def loss_fn(m, b):
+        zb, yb, tb = b
+        out = m(repeat_k(zb, K, shift), tb.repeat_interleave(K), yb.repeat_interleave(K))
+        return out.pow(2).mean(dim=(1, 2, 3)).view(-1, K).mean(dim=1)  # (B,): K copies averaged
+
+    return loss_fn, (z, y, t), B

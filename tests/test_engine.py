@@ -14,7 +14,7 @@ from torch import nn
 
 from dpldm.privacy import (BookKeepingEngine, NonFiniteGradientError, RowMismatchError, UnsupportedLayerError,
                            clipped_gradient_sum)
-from helpers import assert_close, norms_of, per_example_grads, reference_clipped_sum
+from helpers import assert_close, norms_of, per_example_grads, reference_clipped_sum, repeat_k, unet_k_case
 
 DT = torch.float64
 
@@ -23,12 +23,6 @@ DT = torch.float64
 
 # --- models: each with a per-example loss that repeats every example K times ------------------------
 
-def repeat_k(x, K, shifts):
-    """(B, ...) -> (B*K, ...) contiguous copies, copy k shifted by shifts[k] (deterministic)."""
-    xr = x.repeat_interleave(K, dim=0)
-    if shifts is not None:
-        xr = xr + shifts.repeat(x.shape[0], *([1] * (x.dim() - 1)))
-    return xr
 
 
 class LinearSeq(nn.Module):
@@ -433,20 +427,7 @@ def test_unet_attention_selection():
     # the sinusoidal timestep embedding is built in fp32; feed the (frozen) MLP in fp64
     unet.time_embed.register_forward_pre_hook(lambda m, args: (args[0].to(DT),))
     # zero-initialised proj_out / output conv would make every gradient vanish: randomise all
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.2)
-    B, K = 3, 2
-    z = torch.randn(B, 2, 8, 8, dtype=DT)
-    y = torch.tensor([0, 2, 3])  # 3 = null class
-    t = torch.tensor([5, 100, 700])
-    shift = torch.randn(K, 2, 8, 8, dtype=DT) * 0.5
-
-    def loss_fn(m, b):
-        zb, yb, tb = b
-        out = m(repeat_k(zb, K, shift), tb.repeat_interleave(K), yb.repeat_interleave(K))
-        return out.pow(2).mean(dim=(1, 2, 3)).view(-1, K).mean(dim=1)
-
+    loss_fn, (z, y, t), B = unet_k_case(unet, DT)
     grads = per_example_grads(unet, loss_fn, (z, y, t), B)
     C = sorted(norms_of(grads))[1]
     got = clipped_gradient_sum(unet, loss_fn, (z, y, t), C)

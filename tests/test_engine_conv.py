@@ -13,14 +13,9 @@ from torch import nn
 
 from dpldm.privacy import (BookKeepingEngine, NonFiniteGradientError, RowMismatchError, UnsupportedLayerError,
                            clipped_gradient_sum)
-from helpers import assert_close, norms_of, per_example_grads, reference_clipped_sum
+from helpers import assert_close, norms_of, per_example_grads, reference_clipped_sum, repeat_k, unet_k_case
 
 DT = torch.float64
-
-
-def repeat_k(x, K, shift):
-    """(B, ...) -> (B*K, ...) contiguous copies, copy k shifted by shift[k]."""
-    return x.repeat_interleave(K, dim=0) + shift.repeat(x.shape[0], *([1] * (x.dim() - 1)))
 
 
 def _median_clip(grads):
@@ -117,20 +112,7 @@ def test_tiny_unet_finetune_all():
     names = apply_finetune(unet, "all")
     assert any(isinstance(m, nn.Conv2d) for m in unet.modules())
     unet.time_embed.register_forward_pre_hook(lambda m, args: (args[0].to(DT),))  # sinusoid is built in fp32
-    with torch.no_grad():  # zero-initialised output convs would make most gradients vanish
-        for p in unet.parameters():
-            p.normal_(0, 0.2)
-    B, K = 3, 2
-    z = torch.randn(B, 2, 8, 8, dtype=DT)
-    y = torch.tensor([0, 2, 3])
-    t = torch.tensor([5, 100, 700])
-    shift = torch.randn(K, 2, 8, 8, dtype=DT) * 0.5
-
-    def loss_fn(m, b):
-        zb, yb, tb = b
-        out = m(repeat_k(zb, K, shift), tb.repeat_interleave(K), yb.repeat_interleave(K))
-        return out.pow(2).mean(dim=(1, 2, 3)).view(-1, K).mean(dim=1)
-
+    loss_fn, (z, y, t), B = unet_k_case(unet, DT)  # re-drawn weights: zero-initialised output convs
     got = _check(unet, loss_fn, (z, y, t), B)
     assert set(got) == set(names)
     assert any(n.endswith(".weight") and got[n].dim() == 4 for n in got)  # conv weights are in the sums

@@ -13,28 +13,13 @@ import torch
 
 import dpldm.kernels as K
 from dpldm.kernels import dispatch
+from helpers import make, rel
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WHY = dispatch.why_unavailable("triton", DEV)
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"triton backend unavailable: {WHY}")
 
 SHAPES = [(B, T, d_in, d_out) for B in (0, 1, 3) for T in (1, 3, 77) for (d_in, d_out) in ((24, 40), (40, 24))]
-
-
-def rel(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    if a.numel() == 0:
-        return 0.0
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def make(B, T, d_in, d_out, masked=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(B, T, d_in, generator=g)
-    G = torch.randn(B, T, d_out, generator=g)
-    mask = (torch.rand(B, T, generator=g) > 0.35).float() if masked else None
-    coef = torch.rand(B, generator=g)
-    return A, G, mask, coef
 
 
 def dev(*ts):
