@@ -8,6 +8,8 @@ A folder whose meta.json is missing or unreadable is incomplete and is never loa
 """
 from __future__ import annotations
 
+from dpldm.errors import InputError
+
 import hashlib
 import json
 import re
@@ -26,7 +28,7 @@ TENSORS = "tensors.safetensors"
 META = "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not match what loads it."""
 
 

@@ -9,6 +9,10 @@ import argparse
 import importlib
 import sys
 
+from dpldm.errors import InputError, UserError
+
+__all__ = ["COMMANDS", "InputError", "UserError", "build_parser", "main"]  # UserError: re-exported for old imports
+
 # command -> (module, help). Keep sorted by pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("dpldm.data.cli", "import, encode and inspect webdataset shards"),
@@ -23,23 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one clear line, exit code 2."""
-
-
-# Errors raised deep inside the library that are about the user's input (a config value, a
-# privacy parameter, a data file, a checkpoint): reported like UserError, never as a traceback.
-# Looked up in sys.modules so that importing the CLI does not import those modules.
-_INPUT_ERRORS = (("dpldm.config", "ConfigError"), ("dpldm.privacy.accountant", "PrivacyParameterError"),
-                 ("dpldm.data.errors", "DataError"), ("dpldm.checkpoint", "CheckpointError"))
-
-
 def _input_error_types() -> tuple[type, ...]:
-    types = [UserError]
-    for module, name in _INPUT_ERRORS:
-        if module in sys.modules:
-            types.append(getattr(sys.modules[module], name))
-    return tuple(types)
+    """Errors about the user's input (dpldm.errors.InputError and its subclasses: config, data,
+    privacy parameters, checkpoints, devices, run folders): one line, exit 2, never a traceback."""
+    return (InputError,)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

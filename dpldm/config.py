@@ -6,6 +6,8 @@ the wrong type are refused with an error that names `section.key`. No `target:` 
 """
 from __future__ import annotations
 
+from dpldm.errors import InputError
+
 import dataclasses
 import json
 import tomllib
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A recipe or override names an unknown key or holds a bad value."""
 
 
@@ -131,6 +133,7 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     expected_batch_size: int = 256  # q = expected_batch_size / N
+    sample_rate: float | None = None  # q given directly (then expected_batch_size is ignored; q*N is printed)
     steps: int = 100  # logical (noisy) steps
     accountant: str = "prv"  # prv | rdp
     secure_noise: bool = False  # CSPRNG noise seeded from the OS
@@ -149,6 +152,8 @@ class PrivacyConfig:
                      "set a target epsilon or an explicit noise_multiplier")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _require(self.expected_batch_size >= 1, "privacy.expected_batch_size", "must be >= 1")
+        if self.sample_rate is not None:
+            _require(0 < self.sample_rate <= 1, "privacy.sample_rate", f"must lie in (0, 1], got {self.sample_rate}")
         _require(self.steps >= 1, "privacy.steps", "must be >= 1")
         _require(self.accountant in ("prv", "rdp"), "privacy.accountant", f"must be prv|rdp, got {self.accountant!r}")
         _require(self.norm_method in ("auto", "ghost", "materialize"), "privacy.norm_method",
@@ -169,7 +174,10 @@ class TrainConfig:
     steps: int = 1000  # non-private steps (pretraining); DP runs use privacy.steps
     grad_clip: float = 1.0  # non-private global-norm clipping (pretraining only)
     seed: int = 0
-    deterministic: bool = False
+    deterministic: bool = False  # noise, Poisson plan and diffusion draws from `seed`: NOT private (needs not_private)
+    not_private: bool = False  # the user states the run is not private (deterministic/seeded runs): epsilon = inf
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast forward/backward; fp32 norms, accumulators, noise)
     log_every: int = 50
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
@@ -196,6 +204,13 @@ class TrainConfig:
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _require(self.threads >= 0, "train.threads", "must be >= 0")
+        from dpldm.utils.device import check_device_spec
+
+        try:
+            check_device_spec(self.device, "train.device")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _require(self.precision in ("fp32", "bf16"), "train.precision", f"must be fp32|bf16, got {self.precision!r}")
         _require(self.ae_steps >= 0, "train.ae_steps", "must be >= 0")
         _require(self.ae_lr > 0, "train.ae_lr", "must be > 0")
         _require(self.ae_batch_size >= 1, "train.ae_batch_size", "must be >= 1")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.models.ldm import load_ldm
 from dpldm.utils.grid import save_image_grid
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.data.errors import DataError
 
 

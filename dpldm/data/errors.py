@@ -2,8 +2,10 @@
 one, the sample key, so a bad example can be found and fixed."""
 from __future__ import annotations
 
+from dpldm.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError, ValueError):
     """Base class: bad data (as opposed to a bug)."""
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.eval.runtime import ThreadTuner, restore_threads
 
 ArrayLike = Union[np.ndarray, torch.Tensor]

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 
 DEFAULT_CACHE = ".cache/dpldm-eval"
 DEFAULT_CPU_FID_SAMPLES = 1000

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Union
 import numpy as np
 import scipy.linalg
 
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.utils.io import atomic_path
 
 

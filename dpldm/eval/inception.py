@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.eval.runtime import restore_threads, shared_tuner
 from dpldm.utils.io import atomic_path
 

@@ -14,6 +14,8 @@ No torch.distributed here, so this module is importable and testable anywhere.
 """
 from __future__ import annotations
 
+from dpldm.errors import InputError
+
 import os
 import socket
 import subprocess
@@ -23,7 +25,7 @@ from typing import Mapping
 LAUNCHERS = ("deepspeed", "torchrun", "env", "slurm", "none")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(InputError, RuntimeError):
     """The environment describes no consistent set of ranks."""
 
 

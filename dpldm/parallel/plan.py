@@ -6,6 +6,8 @@ the plan.
 """
 from __future__ import annotations
 
+from dpldm.errors import InputError
+
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from dpldm.config import RunConfig
 from dpldm.parallel.step import expected_chunks
 
 
-class PlanError(ValueError):
+class PlanError(InputError, ValueError):
     """The run cannot work as configured (printed as one line, exit code 2)."""
 
 

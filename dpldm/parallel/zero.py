@@ -22,6 +22,8 @@ dummy pass on a rank whose Poisson share is empty).
 """
 from __future__ import annotations
 
+from dpldm.errors import InputError
+
 import copy
 import json
 import warnings
@@ -39,7 +41,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "launch" / "ds_configs"
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-class ZeroConfigError(ValueError):
+class ZeroConfigError(InputError, ValueError):
     """A DeepSpeed config or ZeRO stage this code does not support."""
 
 

@@ -13,6 +13,8 @@ run neither re-spends nor forgets privacy, and continues the same Poisson plan.
 """
 from __future__ import annotations
 
+from dpldm.errors import InputError
+
 import math
 from typing import Any
 
@@ -25,7 +27,7 @@ ACCOUNTANTS = ("prv", "rdp")
 LEDGER_VERSION = 1
 
 
-class PrivacyParameterError(ValueError):
+class PrivacyParameterError(InputError, ValueError):
     """A privacy parameter (epsilon, delta, q, C, sigma, steps, accountant) is out of range."""
 
 
@@ -164,11 +166,15 @@ class PrivacyLedger:
 
     @classmethod
     def from_config(cls, privacy_cfg, num_examples: int, seed: int | None = None) -> "PrivacyLedger":
-        """From a `dpldm.config.PrivacyConfig`: q = expected_batch_size / N."""
-        if privacy_cfg.expected_batch_size > num_examples:
-            raise PrivacyParameterError(f"privacy.expected_batch_size={privacy_cfg.expected_batch_size} exceeds "
-                                        f"the N={num_examples} private examples")
-        return cls.create(num_examples=num_examples, sample_rate=privacy_cfg.expected_batch_size / num_examples,
+        """From a `dpldm.config.PrivacyConfig`: q = privacy.sample_rate when set, else
+        expected_batch_size / N."""
+        q = getattr(privacy_cfg, "sample_rate", None)
+        if q is None:
+            if privacy_cfg.expected_batch_size > num_examples:
+                raise PrivacyParameterError(f"privacy.expected_batch_size={privacy_cfg.expected_batch_size} exceeds "
+                                            f"the N={num_examples} private examples")
+            q = privacy_cfg.expected_batch_size / num_examples
+        return cls.create(num_examples=num_examples, sample_rate=q,
                           max_grad_norm=privacy_cfg.max_grad_norm, delta=privacy_cfg.delta,
                           steps=privacy_cfg.steps, epsilon=privacy_cfg.epsilon,
                           noise_multiplier=privacy_cfg.noise_multiplier, accountant=privacy_cfg.accountant, seed=seed)

@@ -445,7 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from dpldm.cli import UserError
+    from dpldm.errors import UserError
     from dpldm.privacy.accountant import PrivacyParameterError
 
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # opacus RDP, harmless

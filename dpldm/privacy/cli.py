@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from dpldm.cli import UserError
+    from dpldm.errors import UserError
     from dpldm.privacy.accountant import (PrivacyParameterError, calibrate_noise, check_delta, check_sample_rate,
                                           compute_epsilon)
 

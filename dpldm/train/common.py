@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dpldm.checkpoint import list_step_checkpoints
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.config import RunConfig, load_config
 
 STREAMS = {"ae": 1, "ldm": 2, "sample": 3}

@@ -31,7 +31,7 @@ from torch import nn
 
 from dpldm.checkpoint import (list_step_checkpoints, load_latest_checkpoint, prefixed, save_step_checkpoint,
                               unprefixed)
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.config import RunConfig
 from dpldm.diffusion.ema import EMA
 from dpldm.diffusion.loss import per_example_loss

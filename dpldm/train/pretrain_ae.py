@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dpldm.checkpoint import load_latest_checkpoint, prefixed, save_step_checkpoint, unprefixed
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.config import RunConfig
 from dpldm.models.autoencoder import Autoencoder
 from dpldm.models.ldm import save_autoencoder

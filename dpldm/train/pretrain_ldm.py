@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dpldm.checkpoint import load_latest_checkpoint, prefixed, save_step_checkpoint, unprefixed
-from dpldm.cli import UserError
+from dpldm.errors import UserError
 from dpldm.config import RunConfig
 from dpldm.diffusion.loss import per_example_loss
 from dpldm.models.autoencoder import Autoencoder
