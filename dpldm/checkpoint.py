@@ -106,7 +106,7 @@ def list_step_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor],
-                         meta: dict[str, Any], keep: int = 3) -> Path:
+                         meta: dict[str, Any], keep: int = 3, private: bool = False) -> Path:
     """Save `step_XXXXXXXX/` and delete all but the newest `keep` checkpoints.
 
     Crash safety: the folder is written as `step_XXXXXXXX.partial/` (each file: temporary name,
@@ -114,7 +114,10 @@ def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torc
     folder is fsynced, so a kill at any point leaves either the complete new checkpoint or none
     (plus a `.partial` leftover that is never listed and is removed by the next save). Old
     checkpoints are first renamed to `.deleting` (atomic) and then removed, so a kill during the
-    clean-up never leaves a half-deleted folder that looks like a checkpoint."""
+    clean-up never leaves a half-deleted folder that looks like a checkpoint.
+
+    `private`: the checkpoint holds secrets (the sampling and diffusion seeds of a DP run): its
+    files are made mode 0600 and its folder 0700 before it is renamed into place."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     folder = step_dir(run_dir, step)
@@ -125,6 +128,10 @@ def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torc
             shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(folder.name + _PARTIAL)
     save_checkpoint(tmp, tensors, {**meta, "step": step})
+    if private:
+        for f in tmp.iterdir():
+            f.chmod(0o600)
+        tmp.chmod(0o700)
     if folder.exists():  # the same step again (e.g. after falling back past a corrupt one)
         _remove(folder)
     tmp.rename(folder)

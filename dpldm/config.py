@@ -179,6 +179,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast forward/backward; fp32 norms, accumulators, noise)
     log_every: int = 50
+    sample_every: int = 0  # DP fine-tuning: an EMA sample grid every this many steps (0 = off; post-processing)
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     out_dir: str = "runs/default"
@@ -201,6 +202,7 @@ class TrainConfig:
         _require(self.steps >= 0, "train.steps", "must be >= 0")
         _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _require(self.sample_every >= 0, "train.sample_every", "must be >= 0")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _require(self.threads >= 0, "train.threads", "must be >= 0")

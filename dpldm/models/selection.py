@@ -61,9 +61,12 @@ def apply_finetune(unet: UNet, spec: str) -> list[str]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(total, trainable) parameter counts (full sizes, also for ZeRO-3-partitioned parameters)."""
+    def numel(p: nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
 
 

@@ -3,10 +3,9 @@
     env.py     which launcher started us (deepspeed / torchrun / srun / none) -> rank, world
     dist.py    init_distributed() -> DistContext: collectives, the DP engine's World, replica checks
     zero.py    build_model(): ZeRO-3 partitions the frozen model, the trainable part stays replicated
-    step.py    run_logical_step(): global Poisson sample, equal chunk counts, noise once, all-reduce
-    state.py   shared ledger, rank-0 checkpoints, resume on any world size, consolidation
+    step.py    run_logical_step(): global chunks dealt to ranks, equal pass counts, noise once, all-reduce
     plan.py    the resolved plan printed by `launch/train.py --dry-run`
-    runner.py  the run behind launch/train.py
+The training loop itself is dpldm.train.dp_finetune (one trainer for one process and many ranks).
 torch.distributed and deepspeed are imported lazily, so `import dpldm.parallel` stays cheap.
 """
 from dpldm.parallel.dist import DistContext, ReplicaMismatchError, init_distributed, single_process_context

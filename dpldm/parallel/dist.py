@@ -22,7 +22,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -115,6 +115,31 @@ class DistContext:
             if buf is not t.data:
                 t.data.copy_(buf)
 
+    def on_main(self, fn: Callable[[], Any], *, share: bool = True) -> Any:
+        """Collective: run `fn()` on rank 0 only; its result reaches every rank (`share`), and an
+        error raised there is raised on every rank (an input error stays an input error, so each
+        rank prints one line and exits 2 instead of hanging in the next collective)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        self.raise_everywhere(error)
+        return self.broadcast_object(result) if share else result
+
+    def raise_everywhere(self, error: BaseException | None) -> None:
+        """Collective: when rank 0 hit `error`, raise it there and an error with its message elsewhere."""
+        from dpldm.errors import InputError, UserError
+
+        msg = self.broadcast_object(None if error is None else (isinstance(error, InputError), str(error)))
+        if msg is None:
+            return
+        if self.is_main:
+            raise error
+        is_input, text = msg
+        raise UserError(text) if is_input else RuntimeError(f"rank 0 failed: {text}")
+
     # -- the DP engine's view of the world -------------------------------------------------------
     def world(self):
         """A `dpldm.privacy.dp_step.World`: SUM all-reduce and rank 0 as the one noise rank."""
@@ -152,30 +177,30 @@ class DistContext:
             self.backend = "none"
 
 
-def _pick_backend(requested: str, local_rank: int) -> tuple[str, torch.device]:
+def _pick_backend(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
         raise LaunchError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    has_gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    backend = requested if requested != "auto" else ("nccl" if has_gpu else "gloo")
-    if backend == "nccl":
-        if not has_gpu:
-            raise LaunchError("backend 'nccl' needs a GPU, and torch sees none; use gloo on CPU")
-        if local_rank >= torch.cuda.device_count():
-            raise LaunchError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()} "
-                              "(start at most that many ranks per node)")
-        return backend, torch.device("cuda", local_rank)
-    return backend, torch.device("cpu")
+    backend = requested if requested != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise LaunchError("backend 'nccl' needs this rank on a GPU (--device cuda or auto with a GPU); use gloo on CPU")
+    return backend
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 1800.0, env: LaunchEnv | None = None) -> DistContext:
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0, env: LaunchEnv | None = None,
+                     device: str = "auto") -> DistContext:
     """Join (or create) the process group described by the launcher's environment.
 
-    A single process without a launcher gets a one-rank gloo/nccl group too, so ZeRO-3 and the
-    same code path run everywhere. Calling it twice returns a context for the existing group."""
+    `device` (auto|cpu|cuda[:N]): auto puts rank r on its node's GPU `local_rank` when there is
+    one (NCCL), else on the CPU (gloo). A single process without a launcher gets a one-rank group
+    too (tests of the multi-rank machinery). Calling it twice returns a context for the existing
+    group. (`dpldm.train.dp_finetune` never calls this for one rank: one rank needs no DeepSpeed.)"""
     import torch.distributed as dist
 
+    from dpldm.utils.device import resolve_device
+
     env = env or resolve_launch_env()
-    name, device = _pick_backend(backend, env.local_rank)
+    device = resolve_device(device, local_rank=env.local_rank)
+    name = _pick_backend(backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist.is_initialized():

@@ -14,13 +14,13 @@ No torch.distributed here, so this module is importable and testable anywhere.
 """
 from __future__ import annotations
 
-from dpldm.errors import InputError
-
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
+
+from dpldm.errors import InputError
 
 LAUNCHERS = ("deepspeed", "torchrun", "env", "slurm", "none")
 

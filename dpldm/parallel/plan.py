@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpldm.config import RunConfig
-from dpldm.parallel.step import expected_chunks
+from dpldm.parallel.step import expected_passes
 
 
 class PlanError(InputError, ValueError):
@@ -70,15 +70,17 @@ def resolve_plan(cfg: RunConfig, num_examples: int, world_size: int, zero_stage:
         raise PlanError(f"world size must be >= 1, got {world_size}")
     if num_examples < 1:
         raise PlanError("the private set is empty")
-    if p.expected_batch_size > num_examples:
+    if p.sample_rate is None and p.expected_batch_size > num_examples:
         raise PlanError(f"privacy.expected_batch_size={p.expected_batch_size} exceeds the N={num_examples} "
                         "private examples")
-    q = p.expected_batch_size / num_examples
+    q = p.sample_rate if p.sample_rate is not None else p.expected_batch_size / num_examples
     expected = q * num_examples
-    if world_size > expected:
-        raise PlanError(f"world size {world_size} is larger than the expected logical batch q*N = {expected:g}: "
-                        "most ranks would hold an empty Poisson share every step; use at most "
-                        f"{int(expected)} ranks or raise privacy.expected_batch_size")
+    chunks = math.ceil(math.ceil(expected) / p.physical_batch_size)
+    if world_size > chunks:
+        raise PlanError(f"{world_size} ranks but the expected logical batch q*N = {expected:g} makes only {chunks} "
+                        f"physical chunk(s) of privacy.physical_batch_size={p.physical_batch_size} per step (chunks are "
+                        f"dealt to ranks whole): most ranks would idle; set privacy.physical_batch_size <= "
+                        f"{max(1, int(expected // world_size))}, or use fewer ranks")
     try:
         if p.noise_multiplier is not None:
             sigma = float(p.noise_multiplier)
@@ -98,7 +100,7 @@ def resolve_plan(cfg: RunConfig, num_examples: int, world_size: int, zero_stage:
         "expected_logical_batch": expected,
         "expected_share_per_rank": per_rank_share,
         "physical_batch_per_rank": p.physical_batch_size,
-        "chunks_per_rank_per_step": expected_chunks(expected, world_size, p.physical_batch_size),
+        "passes_per_rank_per_step": expected_passes(expected, world_size, p.physical_batch_size),
         "noise_multiplier": sigma,
         "sigma_calibrated": calibrated,
         "max_grad_norm": p.max_grad_norm,
@@ -134,3 +136,37 @@ def format_plan(plan: dict[str, Any]) -> str:
 
     width = max(len(k) for k in plan)
     return "\n".join(f"  {k:<{width}}  {fmt(v)}" for k, v in plan.items())
+
+
+def count_private(cfg: RunConfig, synthetic: int | None = None) -> int:
+    """N without loading the data (dry runs): a latent folder's manifest, or the source's size."""
+    if synthetic:
+        return int(synthetic)
+    folder = Path(cfg.data.private)
+    if folder.is_dir() and (folder / "manifest.json").is_file():
+        from dpldm.data.manifest import open_shard_folder
+
+        return int(open_shard_folder(folder).num_examples)
+    from dpldm.data.sources import load_source
+
+    try:
+        _, labels, _ = load_source(cfg.data.private, "train")
+    except Exception as e:  # noqa: BLE001 - any source error: say which setting
+        raise PlanError(f"data.private={cfg.data.private!r}: {e}") from None
+    return int(len(labels))
+
+
+def plan_only(cfg: RunConfig, *, zero: str = "0", hostfile: str | None = None, world_size: int | None = None,
+              synthetic: int | None = None) -> dict[str, Any]:
+    """The plan of a launch, without starting ranks (`launch/train.py --dry-run`)."""
+    from dpldm.parallel.env import resolve_launch_env
+    from dpldm.parallel.zero import load_ds_config, zero_stage
+
+    stage = zero_stage(load_ds_config(zero, cfg.privacy.physical_batch_size))
+    if world_size:
+        world = int(world_size)
+    elif hostfile:
+        world = sum(s for _, s in read_hostfile(hostfile))
+    else:
+        world = resolve_launch_env().world_size
+    return resolve_plan(cfg, count_private(cfg, synthetic), world, stage if world > 1 else 0, unet_counts(cfg))

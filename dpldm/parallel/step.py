@@ -1,22 +1,21 @@
-"""One distributed DP-SGD logical step on top of `dpldm.privacy.dp_step.DPStep`.
+"""One DP-SGD logical step on top of `dpldm.privacy.dp_step.DPStep`, on any number of ranks.
 
-    share = dp.begin_step()                    # rank r's slice of the GLOBAL Poisson sample of step s
-    for chunk in balanced_chunks(...):         # the same number of chunks on every rank
-        dp.accumulate(load(chunk))             # clipped per-example sums, local
-        (or a discarded dummy pass)            # ZeRO-3 only, when this rank's share ran out
-    dp.step()                                  # noise on rank 0, all-reduce SUM, / q*N, optimizer
+    share = dp.begin_step()              # rank r's chunks of the GLOBAL Poisson sample of step s
+    for k in range(dp.passes_per_rank):  # the same number of passes on every rank
+        dp.accumulate(load(chunk_k))     # clipped per-example sums, local
+        (or a discarded dummy pass)      # ZeRO-3 only, when this rank has no chunk k
+    dp.step()                            # noise on rank 0, all-reduce SUM, / q*N, optimizer
 
-Every rank derives the same global sample from (seed, step) without communication and reads
-only its share (`PoissonPlan.rank_share`: strided, so shares differ by at most one example).
+Every rank derives the same global sample from (seed, step) without communication. The DPStep
+(built with `physical_batch_size=P`) cuts it into ceil(|S|/P) nearly equal chunks -- a function
+of the sample and P only -- and rank r takes chunks r, r+W, r+2W, ...; so a chunk is computed
+the same way whatever the world size, which (with fp64 accumulators) makes one process, 1 rank
+and W ranks give bit-identical updates.
 
-Chunking: the number of physical chunks n = ceil(max_share / physical_batch) is computed from
-the global sample size, which every rank knows, and each rank splits its share into n nearly
-equal chunks (each <= physical_batch). Under ZeRO-3 every forward/backward gathers parameters
-with collectives, so all ranks must run the same passes; with equal n they do, and only a rank
-whose share is smaller than n (an empty share while another rank has one example) runs a
-dummy pass whose result is thrown away: it touches no accumulator, no count, no noise.
-Memory is flat in the logical batch: a chunk at a time, plus one fp32 accumulator per
-trainable parameter.
+ZeRO-3 lock-step: every forward/backward gathers parameters with collectives, so all ranks must
+run the same passes; a rank with fewer chunks than `passes_per_rank` runs a dummy pass on a
+public batch whose result is thrown away: it touches no accumulator, no count, no noise.
+Memory is flat in the logical batch: a chunk at a time, plus the accumulators.
 """
 from __future__ import annotations
 
@@ -25,59 +24,38 @@ from typing import Any, Callable
 
 import torch
 
-from dpldm.privacy.sampler import PoissonPlan
 
-
-def max_share(global_size: int, world_size: int) -> int:
-    return -(-int(global_size) // int(world_size))
-
-
-def num_chunks(global_size: int, world_size: int, physical_batch: int) -> int:
-    """Physical chunks per rank for a global sample of `global_size` (the same on every rank)."""
-    if physical_batch < 1:
-        raise ValueError(f"physical batch must be >= 1, got {physical_batch}")
-    return -(-max_share(global_size, world_size) // int(physical_batch))
-
-
-def balanced_chunks(share: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """`share` cut into exactly n contiguous, nearly equal pieces (some empty only if len < n)."""
-    if n == 0:
-        if share.numel():
-            raise ValueError(f"{share.numel()} examples cannot go into 0 chunks")
-        return []
-    return list(torch.tensor_split(share, n))
-
-
-def run_logical_step(dp, load_batch: Callable[[torch.Tensor], Any], physical_batch: int, *,
-                     lockstep: bool = False, dummy_batch: Any = None,
-                     after_pass: Callable[[], None] | None = None) -> dict[str, int]:
-    """Run one whole logical step of `dp` (a DPStep whose World is this process group).
-
-    load_batch(indices) -> the batch the DPStep's per-example loss takes (indices are global,
-    sorted). `lockstep`: ZeRO-3 with several ranks (see module docstring); then `dummy_batch`
-    (any valid batch of public/synthetic data, e.g. zeros) feeds the discarded passes.
+def run_logical_step(dp, load_batch: Callable[[torch.Tensor], Any], *, lockstep: bool = False,
+                     dummy_batch: Any = None, after_pass: Callable[[], None] | None = None) -> dict[str, int]:
+    """Run one whole logical step of `dp` (a DPStep with a physical batch size and this process
+    group's World). load_batch(indices) -> the batch the DPStep's per-example loss takes.
+    `lockstep`: ZeRO-3 with several ranks; then `dummy_batch` feeds the discarded passes.
     Returns counts for this rank (private: for tests and debugging, never for logs)."""
-    world = dp.world
-    plan: PoissonPlan = dp.ledger.plan
+    if dp.physical_batch_size is None:
+        raise ValueError("run_logical_step needs a DPStep built with physical_batch_size")
     step = dp.step_index
-    global_size = int(plan.indices(step).numel())
     share = dp.begin_step()
-    n = num_chunks(global_size, world.world_size, physical_batch)
     dummies = 0
-    for chunk in balanced_chunks(share, n):
-        if chunk.numel():
-            dp.accumulate(load_batch(chunk))
+    for k in range(dp.passes_per_rank):
+        if k < len(dp.my_chunks):
+            dp.accumulate(load_batch(dp.my_chunks[k]))
         elif lockstep:
             if dummy_batch is None:
-                raise ValueError("ZeRO-3 lock-step needs a dummy_batch for ranks whose Poisson share is empty")
+                raise ValueError("ZeRO-3 lock-step needs a dummy_batch for ranks with fewer chunks than the others")
             dp.engine.clipped_sums(dp.loss_fn, dummy_batch, acc_dtype=torch.float32, where="lock-step dummy pass")
             dummies += 1
+        else:
+            break
         if after_pass is not None:
             after_pass()
     dp.step()
-    return {"step": step, "global": global_size, "share": int(share.numel()), "chunks": n, "dummies": dummies}
+    return {"step": step, "share": int(share.numel()), "chunks": len(dp.my_chunks),
+            "passes": dp.passes_per_rank, "dummies": dummies}
 
 
-def expected_chunks(expected_batch: float, world_size: int, physical_batch: int) -> int:
-    """Chunks per rank for a logical batch of the expected size (for plans and printing)."""
-    return num_chunks(int(math.ceil(expected_batch)), world_size, physical_batch)
+def expected_passes(expected_batch: float, world_size: int, physical_batch: int) -> int:
+    """Forward/backward passes per rank for a logical batch of the expected size (plans, printing)."""
+    if physical_batch < 1:
+        raise ValueError(f"physical batch must be >= 1, got {physical_batch}")
+    chunks = math.ceil(math.ceil(expected_batch) / physical_batch)
+    return -(-chunks // world_size)

@@ -247,9 +247,10 @@ class _NoNoise:
     def __init__(self) -> None:
         self.draws = 0
 
-    def draw(self, like: list[torch.Tensor], std: float, step: int) -> list[torch.Tensor]:
+    def draw(self, like: list[torch.Tensor], std: float, step: int,
+             dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         self.draws += 1
-        return [torch.zeros_like(t) for t in like]
+        return [torch.zeros_like(t, dtype=dtype) for t in like]
 
     def state_dict(self) -> dict:
         return {"mode": "none"}

@@ -1,16 +1,25 @@
 """One DP-SGD logical step, in named parts that can only run in order:
 
     idx = dp.begin_step()          # this rank's share of the Poisson sample of step s (may be empty)
-    for chunk in physical_chunks(idx):
-        dp.accumulate(chunk)       # clipped per-example sums, added to fp32 accumulators
+    for chunk in dp.my_chunks:     # (or any split of idx when no physical batch size was given)
+        dp.accumulate(chunk)       # clipped per-example sums, added to the accumulators
     dp.add_noise()                 # noise rank: + N(0, sigma^2 C^2) once; ledger.step() (all ranks)
     dp.reduce()                    # world.all_reduce_sum over ranks (no-op on one process)
     dp.scale()                     # / (q*N), the EXPECTED batch size, never the realised one
     dp.step()                      # p.grad = update; optimizer.step(); (runs any missing part first)
 
 `step()` alone after the accumulates does add_noise -> reduce -> scale -> write -> optimizer.
-Memory is flat in the logical batch: only the accumulators (one fp32 copy of the trainable
-parameters) persist between chunks. Noise is drawn exactly once per logical step on exactly one
+Memory is flat in the logical batch: only the accumulators (one copy of the trainable
+parameters) persist between chunks.
+
+World-size-independent results (`physical_batch_size=P`, `acc_dtype=torch.float64`, what the
+trainer uses): the GLOBAL Poisson sample is cut into ceil(|S|/P) nearly equal chunks, a function
+of the sample and P only, and chunk k goes to rank k mod W. Each chunk is computed exactly as on
+one process (same examples, same order, same shapes), in the parameters' dtype; its clipped sums
+are added into fp64 accumulators, where summing a few fp32 chunk sums (and the fp32 noise) is
+exact in practice, so the order in which ranks and the all-reduce add them does not change the
+result: one process, 1 rank and W ranks produce bit-identical updates
+(tests/test_trainer_equivalence.py). Without P, a rank's share is the strided slice of the sample. Noise is drawn exactly once per logical step on exactly one
 rank (before the all-reduce, so the reduced sum carries it once), and `noise.draws` counts it.
 `add_noise` refuses to run unless every example of this rank's Poisson share went through
 `accumulate` exactly once: feeding fixed-size shuffled batches instead fails loudly.
@@ -58,13 +67,21 @@ class World:
         return self.is_noise_rank() if self.is_noise_rank is not None else self.rank == 0
 
 
+def global_chunks(sample: torch.Tensor, physical_batch_size: int) -> list[torch.Tensor]:
+    """The global sample (sorted indices) cut into ceil(|S|/P) contiguous, nearly equal chunks of at
+    most P examples: a function of the sample and P only (not of the world size)."""
+    n = -(-int(sample.numel()) // int(physical_batch_size))
+    return list(torch.tensor_split(sample, n)) if n else []
+
+
 class DPStep:
     """Owns the clipping engine, the accumulators, the noise and the ledger of one DP run."""
 
     def __init__(self, model: nn.Module, per_example_loss_fn: PerExampleLossFn, ledger: PrivacyLedger, *,
                  noise: GaussianNoise | None = None, optimizer: torch.optim.Optimizer | None = None,
                  world: World | None = None, norm_method: str = "auto", backend: str = "auto",
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str = "raise", physical_batch_size: int | None = None,
+                 acc_dtype: torch.dtype | None = None) -> None:
         if not isinstance(ledger, PrivacyLedger):
             raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
         self.model, self.loss_fn, self.ledger = model, per_example_loss_fn, ledger
@@ -74,7 +91,17 @@ class DPStep:
         self.optimizer = optimizer
         self.world = world or World()
         self.params = self.engine.trainable  # name -> Parameter
-        self._acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
+        # compute dtype of a chunk's sums and of the noise: fp64 for fp64 (test) models, else fp32
+        self._compute_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) \
+            else torch.float32
+        if acc_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"acc_dtype must be torch.float32 or torch.float64, got {acc_dtype}")
+        self._acc_dtype = acc_dtype if acc_dtype is not None else self._compute_dtype
+        if physical_batch_size is not None and (isinstance(physical_batch_size, bool) or physical_batch_size < 1):
+            raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size!r}")
+        self.physical_batch_size = physical_batch_size
+        self.my_chunks: list[torch.Tensor] = []  # this rank's chunks of the current step
+        self.passes_per_rank = 0  # chunks per rank of the current step (the same on every rank)
         self.acc: dict[str, torch.Tensor] | None = None
         self.phase = "idle"
         self._share = 0  # size of this rank's share of the current Poisson sample
@@ -96,7 +123,16 @@ class DPStep:
         """Open logical step s; returns this rank's share of its Poisson sample (sorted indices)."""
         self._need("idle", part="begin_step")
         plan: PoissonPlan = self.ledger.plan
-        idx = PoissonPlan.rank_share(plan.indices(self.step_index), self.world.rank, self.world.world_size)
+        sample = plan.indices(self.step_index)  # (|S|,) the global sample, sorted
+        W, r = self.world.world_size, self.world.rank
+        if self.physical_batch_size is not None:
+            chunks = global_chunks(sample, self.physical_batch_size)
+            self.my_chunks = chunks[r::W]
+            self.passes_per_rank = -(-len(chunks) // W)
+            idx = torch.cat(self.my_chunks) if self.my_chunks else sample[:0]
+        else:
+            idx = PoissonPlan.rank_share(sample, r, W)
+            self.my_chunks, self.passes_per_rank = [idx] if idx.numel() else [], int(idx.numel() > 0)
         if self.acc is None:
             self.acc = {n: torch.zeros(p.shape, dtype=self._acc_dtype, device=p.device) for n, p in self.params.items()}
         else:
@@ -109,8 +145,13 @@ class DPStep:
     def accumulate(self, chunk: Any) -> int:
         """Add the clipped per-example gradients of one physical chunk; returns its B."""
         self._need("open", part="accumulate")
-        res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._acc_dtype,
-                                       where=f"logical step {self.step_index}", out=self.acc)
+        where = f"logical step {self.step_index}"
+        if self._acc_dtype == self._compute_dtype:  # in place, no per-chunk copy
+            res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._acc_dtype, where=where, out=self.acc)
+        else:  # the chunk's sums in the compute dtype, then added exactly into the wider accumulators
+            res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._compute_dtype, where=where)
+            for n, t in res.sums.items():
+                self.acc[n] += t.to(self._acc_dtype)
         self._seen += res.num_examples
         return res.num_examples
 
@@ -124,7 +165,8 @@ class DPStep:
                 "anything other than begin_step()'s Poisson sample are not what the accountant assumes)")
         if self.world.noise_rank():
             names = list(self.acc)
-            z = self.noise.draw([self.acc[n] for n in names], self.ledger.noise_std, self.step_index)
+            z = self.noise.draw([self.acc[n] for n in names], self.ledger.noise_std, self.step_index,
+                                dtype=self._compute_dtype)
             for n, zi in zip(names, z):
                 self.acc[n] += zi.to(self.acc[n].dtype)
         self.ledger.step()  # privacy is spent once the noisy sum exists

@@ -55,15 +55,21 @@ class GaussianNoise:
             g.manual_seed(secrets.randbits(63))
         return g
 
-    def draw(self, like: list[torch.Tensor], std: float, step: int) -> list[torch.Tensor]:
-        """One draw: N(0, std^2) per coordinate for every tensor in `like` (same shapes, devices,
-        dtypes; fp32 at least). Counts as one draw however many tensors it covers."""
+    def draw(self, like: list[torch.Tensor], std: float, step: int,
+             dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """One draw: N(0, std^2) per coordinate for every tensor in `like` (same shapes and devices;
+        `dtype`, default fp64 for fp64 tensors else fp32). Counts as one draw however many tensors
+        it covers."""
         if not (std >= 0):
             raise ValueError(f"noise std must be >= 0, got {std}")
+        def dtype_of(t: torch.Tensor) -> torch.dtype:
+            return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+        wanted = dtype
         out = []
         gens: dict[torch.device, torch.Generator] = {}
         for t in like:
-            dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+            dtype = dtype_of(t) if wanted is None else wanted
             if self._secure is not None:
                 z = self._secure.normal(tuple(t.shape), std, dtype)
                 out.append(torch.as_tensor(z).to(device=t.device, dtype=dtype))

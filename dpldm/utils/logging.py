@@ -1,14 +1,21 @@
-"""A small run logger: the resolved config printed and saved, a tqdm bar, wandb offline.
+"""The one run logger of every trainer: the resolved config printed and saved, a tqdm bar,
+`metrics.jsonl` in the run folder, and wandb.
 
-wandb runs offline by default (WANDB_MODE=offline unless the environment says otherwise) with
-WANDB_DIR, WANDB_CACHE_DIR, WANDB_CONFIG_DIR and WANDB_DATA_DIR inside the run folder, so nothing
-is written elsewhere. Only aggregate scalars are logged: never per-example values.
+* `metrics.jsonl`: one JSON object per logged step ({"step", "time", ...scalars}), appended and
+  flushed line by line, so it survives a kill; a resumed run appends to it.
+* wandb respects the user's WANDB_* variables (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, WANDB_DIR,
+  ...): only what is unset gets a default -- mode "offline", files inside the run folder, project
+  "dpldm". The run id is stored in `<run>/wandb_run_id` and reused, so a resumed run continues the
+  same wandb run (resume="allow") instead of starting a new one.
+* Only aggregate, public scalars are logged: never per-example values (the DP rule).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +23,43 @@ from tqdm import tqdm
 
 from dpldm.config import RunConfig, save_resolved
 
+METRICS = "metrics.jsonl"
+WANDB_ID = "wandb_run_id"
+_OURS: dict[str, str] = {}  # WANDB_* variables this process set itself (a later run may set them again)
+
 
 class RunLogger:
     def __init__(self, run_dir: str | Path, cfg: RunConfig, *, use_wandb: bool, total_steps: int,
-                 initial_step: int = 0, job: str = "run") -> None:
+                 initial_step: int = 0, job: str = "run", resume: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = save_resolved(cfg, self.run_dir)
         self.info(f"[{job}] resolved config ({path}):\n{cfg.to_json()}")
-        self._wandb = None
-        if use_wandb:
-            self._wandb = self._start_wandb(cfg, job)
+        self._metrics = open(self.run_dir / METRICS, "a" if resume else "w", encoding="utf-8")
+        self._wandb = self._start_wandb(cfg, job, resume) if use_wandb else None
         tty = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=job, dynamic_ncols=True,
                         mininterval=0.5 if tty else 30.0, file=sys.stderr)
 
-    def _start_wandb(self, cfg: RunConfig, job: str):
+    def _start_wandb(self, cfg: RunConfig, job: str, resume: bool):
         import wandb
 
         for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_CONFIG_DIR", "wandb_config"),
                          ("WANDB_DATA_DIR", "wandb_data")):
-            folder = self.run_dir / sub
-            folder.mkdir(parents=True, exist_ok=True)
-            os.environ[var] = str(folder.resolve())
+            if not os.environ.get(var) or os.environ.get(var) == _OURS.get(var):  # the user's value wins
+                folder = self.run_dir / sub
+                folder.mkdir(parents=True, exist_ok=True)
+                os.environ[var] = _OURS[var] = str(folder.resolve())
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(project="dpldm", job_type=job, dir=str(self.run_dir.resolve()), config=cfg.to_dict(),
-                         name=f"{job}-{self.run_dir.name}")
-        self.info(f"[{job}] wandb {os.environ['WANDB_MODE']} run in {self.run_dir / 'wandb'}")
+        id_file = self.run_dir / WANDB_ID
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dpldm", job_type=job, id=run_id, resume="allow",
+                         dir=os.environ["WANDB_DIR"], config=cfg.to_dict(),
+                         name=os.environ.get("WANDB_NAME") or f"{job}-{self.run_dir.name}")
+        self.info(f"[{job}] wandb {os.environ['WANDB_MODE']} run {run_id} (project {run.project}) in "
+                  f"{os.environ['WANDB_DIR']}")
         return run
 
     def info(self, message: str) -> None:
@@ -54,24 +70,40 @@ class RunLogger:
         self.bar.update(n)
 
     def log(self, step: int, scalars: dict[str, Any], echo: bool = True) -> None:
-        """Log aggregate scalars at `step` (to the bar, wandb and, with `echo`, one printed line)."""
+        """Log aggregate scalars at `step`: metrics.jsonl, the bar, wandb and (with `echo`) one line."""
         clean = {}
         for k, v in scalars.items():
             if hasattr(v, "item"):
                 if getattr(v, "numel", lambda: 1)() != 1:
                     raise ValueError(f"RunLogger.log: {k!r} is not a scalar (only aggregate scalars are logged)")
                 v = v.item()
-            if not isinstance(v, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"RunLogger.log: {k!r} must be a number, got {type(v).__name__}")
             clean[k] = v
+        row = {"step": int(step), "time": round(time.time(), 3),
+               **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
         self.bar.set_postfix({k: _fmt(v) for k, v in clean.items()}, refresh=False)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
         if echo:
             self.info(f"step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in clean.items()))
 
+    def log_image(self, step: int, path: str | Path, key: str = "samples") -> None:
+        """A picture the run made (e.g. an EMA sample grid): named in metrics.jsonl, sent to wandb."""
+        self._metrics.write(json.dumps({"step": int(step), "time": round(time.time(), 3), key: str(path)}) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+        self.info(f"step {step}: {key} -> {path}")
+
     def close(self) -> None:
         self.bar.close()
+        if not self._metrics.closed:
+            self._metrics.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
@@ -81,6 +113,14 @@ class RunLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run folder's metrics.jsonl (tests, reports)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _fmt(v: float) -> str:

@@ -60,7 +60,7 @@ class ZeroNoise:
     def __init__(self) -> None:
         self.draws = 0
 
-    def draw(self, like, std, step):  # noqa: ARG002
+    def draw(self, like, std, step, dtype=None):  # noqa: ARG002
         self.draws += 1
         return [torch.zeros_like(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in like]
 

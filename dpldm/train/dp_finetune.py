@@ -1,0 +1,514 @@
+"""THE DP fine-tuning trainer: one loop for `dpldm finetune`, `make demo`, `launch/train.py` under
+deepspeed / torchrun / srun, and a bare `python`, on one process or many ranks, CPU or GPU.
+
+    set-up    run folder (writable, locked, no clobber) -> init model (public EMA weights, rank 0)
+              -> private data (latent shards by index, or a source encoded once) -> resume
+              (newest usable checkpoint: same data, same init, same mechanism) or fresh secrets
+              (Poisson seed and diffusion seed from the OS) -> privacy ledger (sigma, q, C, delta)
+              -> UNet built for this world (one rank: plain module, no DeepSpeed; several ranks:
+              replicated, or ZeRO-3 with the frozen part partitioned) -> AdamW, warm-up, EMA
+    step      run_logical_step: this rank's chunks of the GLOBAL Poisson sample -> clipped
+              per-example sums (book-keeping, fp64 accumulators) -> noise ONCE (rank 0) ->
+              all-reduce -> / q*N -> AdamW -> EMA
+    stop      SIGTERM / SIGUSR1 / SIGINT, a STOP file, or --max-steps: finish the step, checkpoint,
+              exit 0 and say how to resume (`stop_reason` in the result)
+    end       rank 0 writes <out>/model: the init model with the EMA of the trained tensors, and a
+              public privacy report
+
+Only public numbers are logged (step, epsilon, lr, steps/s, expected examples/s): never losses,
+norms or realised batch sizes of private data. See dp_state.py for the checkpoint schema and the
+resume rule, dp_loss.py / draws.py for the per-example randomness, and privacy/dp_step.py for the
+DP step itself.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpldm.checkpoint import list_step_checkpoints
+from dpldm.config import RunConfig
+from dpldm.errors import RunFolderError, UserError
+from dpldm.train.dp_state import InitInfo
+
+RESULT_PREFIX = "RESULT_JSON "
+
+
+@dataclass
+class FinetuneOptions:
+    out: Path
+    init: str | None = None  # public LDM folder; default train.init_checkpoint, else the shipped glyph model
+    resume: bool = False  # continue from the newest checkpoint in `out` (without it, checkpoints there are refused)
+    max_steps: int | None = None  # stop (checkpoint, exit 0) after this many logical steps of this invocation
+    zero: str = "0"  # several ranks: ZeRO stage 0-3 or a DeepSpeed JSON
+    dist_backend: str = "auto"  # several ranks: auto | gloo | nccl
+    synthetic_latents: int = 0  # smoke runs: random latents instead of data.private (NOT private data)
+    random_init: bool = False  # smoke runs: a randomly initialised model instead of the public one
+    check_every: int = 0  # several ranks: check the replicas are bit-identical every K steps
+    verbose: bool = True
+
+
+# -- checks that fail closed on privacy ------------------------------------------------------------
+
+def check_privacy_settings(cfg: RunConfig) -> None:
+    """Refuse configurations whose privacy claim would be false (before any work)."""
+    tc, pc = cfg.train, cfg.privacy
+    if not pc.enabled:
+        raise UserError("privacy.enabled = false: this is the DP fine-tuning trainer; use `bench/utility.py` for the "
+                        "non-private ceiling")
+    if tc.deterministic and not tc.not_private:
+        raise UserError("train.deterministic = true seeds the noise, the Poisson sampling and the diffusion draws from "
+                        "train.seed, which is saved with the run: anyone holding the config can remove the noise, so "
+                        "the run is NOT private. For tests and reproducible debugging pass --not-private "
+                        "(train.not_private = true); epsilon is then reported as infinite")
+    if tc.deterministic and pc.secure_noise:
+        raise UserError("train.deterministic = true and privacy.secure_noise = true contradict each other: secure noise "
+                        "is seeded from the OS")
+
+
+def check_explicit_sigma(pc, ledger) -> None:
+    """An explicit noise_multiplier must not spend more than the target epsilon."""
+    from dpldm.privacy.accountant import PrivacyParameterError
+
+    if pc.noise_multiplier is None or pc.epsilon is None:
+        return
+    eps = ledger.epsilon_after(pc.steps)
+    if eps > pc.epsilon * (1 + 1e-9):
+        raise PrivacyParameterError(
+            f"privacy.noise_multiplier={pc.noise_multiplier:g} spends epsilon {eps:.4g} after {pc.steps} steps at "
+            f"q={ledger.sample_rate:.4g}, delta={pc.delta:g}, above the target privacy.epsilon={pc.epsilon:g}: raise "
+            f"privacy.epsilon to at least {math.ceil(eps * 1000) / 1000:g} to accept that, or raise the noise / "
+            "lower the steps (or leave noise_multiplier unset: it is then calibrated for the target)")
+
+
+# -- the process context -----------------------------------------------------------------------------
+
+def open_context(cfg: RunConfig, opts: FinetuneOptions):
+    """One rank: a plain context on train.device (no process group, no DeepSpeed import).
+    Several ranks (from the launcher's environment): a process group via DeepSpeed."""
+    from dpldm.parallel.dist import init_distributed, single_process_context
+    from dpldm.parallel.env import resolve_launch_env
+    from dpldm.utils.device import resolve_device
+
+    env = resolve_launch_env()
+    if env.world_size == 1:
+        return single_process_context(resolve_device(cfg.train.device, "train.device / --device"))
+    return init_distributed(opts.dist_backend, env=env, device=cfg.train.device)
+
+
+def train(cfg: RunConfig, opts: FinetuneOptions) -> dict[str, Any]:
+    """Run (or continue) DP fine-tuning; returns {"model", "privacy", "steps_done", "finished", ...}."""
+    check_privacy_settings(cfg)
+    if opts.max_steps is not None and opts.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {opts.max_steps}")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ctx = open_context(cfg, opts)
+    try:
+        return _Trainer(cfg, opts, ctx).run()
+    finally:
+        ctx.close()
+
+
+# -- set-up helpers ----------------------------------------------------------------------------------
+
+def check_model_config(cfg: RunConfig, saved: RunConfig, where: Path) -> None:
+    """The recipe's model sections must describe the checkpoint being fine-tuned."""
+    now, then = cfg.to_dict(), saved.to_dict()
+    diffs = [f"{s}.{k}: recipe {now[s][k]!r} != checkpoint {then[s][k]!r}"
+             for s in ("autoencoder", "unet") for k in now[s] if now[s][k] != then[s][k]]
+    for k in ("schedule", "timesteps", "beta_start", "beta_end"):
+        if now["diffusion"][k] != then["diffusion"][k]:
+            diffs.append(f"diffusion.{k}: recipe {now['diffusion'][k]!r} != checkpoint {then['diffusion'][k]!r}")
+    if diffs:
+        raise UserError(f"--init {where} does not match the recipe: {'; '.join(diffs)}")
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    from dpldm.data.latents import ae_state_hash
+
+    return ae_state_hash(state)
+
+
+def load_init(cfg: RunConfig, opts: FinetuneOptions, run_dir: Path):
+    """Rank 0: (InitInfo, the init LDM on CPU with its UNet set to the public EMA weights)."""
+    from dpldm.models.ldm import LatentDiffusion, _model_folder, load_ldm, public_model_path, save_ldm
+
+    if opts.random_init:
+        folder = run_dir / "init_model"
+        if not (folder / "meta.json").is_file():
+            print(f"warning: --random-init: fine-tuning a RANDOMLY initialised model (smoke run), saved to {folder}",
+                  flush=True)
+            torch.manual_seed(cfg.train.seed)
+            save_ldm(folder, LatentDiffusion(cfg))
+    else:
+        spec = opts.init or cfg.train.init_checkpoint
+        folder = public_model_path() if not spec or spec == "public" else _model_folder(spec)
+    ldm = load_ldm(folder)
+    check_model_config(cfg, ldm.cfg, folder)
+    ldm.copy_ema_to_unet()  # fine-tune from the public EMA weights
+    ldm.ae.requires_grad_(False).eval()
+    info = InitInfo(folder=str(folder), scale_factor=float(ldm.scale_factor),
+                    ae_sha256=state_sha256(ldm.ae.state_dict()), unet_sha256=state_sha256(ldm.unet.state_dict()),
+                    weights="ema")
+    return info, ldm
+
+
+class _NullLogger:
+    def info(self, message: str) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def log(self, step: int, scalars: dict[str, Any], echo: bool = True) -> None:
+        pass
+
+    def log_image(self, step: int, path: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# -- the trainer ---------------------------------------------------------------------------------------
+
+class _Trainer:
+    """Holds the run's objects; `run()` is the one loop. Built on every rank."""
+
+    def __init__(self, cfg: RunConfig, opts: FinetuneOptions, ctx) -> None:
+        self.cfg, self.opts, self.ctx = cfg, opts, ctx
+        self.run_dir = Path(opts.out)
+        self.lock = None
+        self.init_ldm = None  # rank 0: the init model (CPU), for sample grids and the release
+        self.history: list[dict[str, Any]] = []  # resumes and what changed at each
+
+    # -- set-up, in order -------------------------------------------------------------------------------
+    def _claim_run_folder(self) -> None:
+        from dpldm.train.run_folder import RunFolderLock, check_writable
+
+        def claim():
+            check_writable(self.run_dir)
+            self.lock = RunFolderLock(self.run_dir).acquire()
+            if not self.opts.resume:
+                if list_step_checkpoints(self.run_dir):
+                    raise RunFolderError(f"{self.run_dir} already holds step checkpoints: pass --resume to continue "
+                                         "that run, or pick another --out")
+                if (self.run_dir / "model" / "meta.json").is_file():
+                    raise RunFolderError(f"{self.run_dir}/model already holds a released model: pick another --out")
+
+        self.ctx.on_main(claim, share=False)
+
+    def _setup(self) -> None:
+        from dpldm.diffusion.schedule import DiffusionSchedule
+        from dpldm.models.selection import apply_finetune
+        from dpldm.models.unet import UNet
+        from dpldm.parallel.zero import build_model, load_ds_config, zero_stage
+        from dpldm.privacy import DPStep, GaussianNoise, PrivacyLedger
+        from dpldm.train.common import warmup_scheduler
+        from dpldm.train.dp_loss import DiffusionDPLoss
+        from dpldm.train.dp_state import (TrainableEMA, check_same_data, check_same_init, config_changes,
+                                          load_latest_state, restore_state)
+        from dpldm.train.draws import new_secret_seed
+        from dpldm.train.private_data import open_private_data
+
+        cfg, ctx, tc, pc = self.cfg, self.ctx, self.cfg.train, self.cfg.privacy
+
+        # init model (rank 0 holds it; everyone learns where it came from)
+        def init():
+            info, self.init_ldm = load_init(cfg, self.opts, self.run_dir)
+            return info
+        self.init: InitInfo = ctx.on_main(init)
+
+        # private data
+        ae = self.init_ldm.ae.to(ctx.device) if ctx.is_main else None
+        self.data = open_private_data(cfg, ctx, ae=ae, ae_sha256=self.init.ae_sha256,
+                                      synthetic=self.opts.synthetic_latents)
+        if ctx.is_main:
+            self.init_ldm.ae.cpu()
+        N = len(self.data)
+
+        # resume, or fresh secrets: everything decided on rank 0 and shared
+        resumed = ctx.on_main(lambda: load_latest_state(self.run_dir) if self.opts.resume else None)
+        if resumed is not None:
+            tensors, meta, folder = resumed
+            changed = config_changes(cfg, meta["config"], str(folder))
+            check_same_data(meta, self.data.fingerprint, N, str(folder))
+            check_same_init(meta, self.init, str(folder))
+            ledger_state, diffusion_seed = meta["privacy"]["ledger"], int(meta["secrets"]["diffusion_seed"])
+            self.history = list(meta.get("resumes", [])) + [{"at_step": int(meta["step"]), "world_size":
+                                                               ctx.world_size, "changed": changed}]
+        else:
+            def fresh():
+                ledger = PrivacyLedger.from_config(pc, N, seed=tc.seed if tc.deterministic else None)
+                check_explicit_sigma(pc, ledger)
+                return ledger.state_dict(), (tc.seed if tc.deterministic else new_secret_seed())
+            ledger_state, diffusion_seed = ctx.on_main(fresh)
+        self.ledger = PrivacyLedger.from_state_dict(ledger_state)
+        self.diffusion_seed = diffusion_seed
+
+        # the model for this world
+        W = ctx.world_size
+        ds_config = load_ds_config(self.opts.zero if W > 1 else 0, pc.physical_batch_size)
+        self.stage = zero_stage(ds_config)
+        state = self.init_ldm.unet.state_dict() if ctx.is_main else None
+        self.model = build_model(lambda: UNet(cfg.unet), ctx, ds_config,
+                                 select_trainable=lambda m: apply_finetune(m, tc.finetune), state=state)
+        del state
+        unet = self.model.module
+        unet.train()
+        self.trainable = self.model.trainable()
+        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scheduler = warmup_scheduler(self.optimizer, tc.warmup_steps)
+        self.ema = TrainableEMA(self.trainable, tc.ema_decay)
+        noise = GaussianNoise(secure=pc.secure_noise, seed=tc.seed if tc.deterministic else None)
+        loss = DiffusionDPLoss(DiffusionSchedule.from_config(cfg.diffusion), scale_factor=self.init.scale_factor,
+                               timesteps_per_example=cfg.diffusion.timesteps_per_example,
+                               cond_drop_prob=cfg.diffusion.cond_drop_prob, seed=diffusion_seed, device=ctx.device,
+                               precision=tc.precision)
+        self.dp = DPStep(unet, loss, self.ledger, noise=noise, optimizer=self.optimizer, world=ctx.world(),
+                         norm_method=pc.norm_method, backend=pc.backend, physical_batch_size=pc.physical_batch_size,
+                         acc_dtype=torch.float64)
+        if resumed is not None:
+            tensors, meta, folder = resumed
+            restore_state(tensors, meta, trainable=self.trainable, ema=self.ema, optimizer=self.optimizer,
+                          scheduler=self.scheduler)
+        self.model.sync_check()
+        self.resumed_from = str(resumed[2]) if resumed is not None else None
+
+    def _start_logger(self):
+        from dpldm.models.selection import count_parameters
+        from dpldm.utils.device import describe_device
+        from dpldm.utils.logging import RunLogger
+
+        self.total_params, self.trainable_params = count_parameters(self.model.module)
+        if not self.ctx.is_main:
+            return _NullLogger()
+        cfg, pc, tc, led = self.cfg, self.cfg.privacy, self.cfg.train, self.ledger
+        logger = RunLogger(self.run_dir, cfg, use_wandb=tc.wandb, total_steps=pc.steps, initial_step=led.steps_done,
+                           job="finetune", resume=self.resumed_from is not None)
+        where = (f"{self.ctx.world_size} rank(s) via {self.ctx.launcher}, {self.ctx.backend}, ZeRO stage {self.stage}"
+                 if self.ctx.world_size > 1 else "one process")
+        private = "" if not tc.not_private else " -- NOT PRIVATE (train.not_private: epsilon reported as inf)"
+        logger.info(
+            f"[finetune] device {describe_device(self.ctx.device)}, precision {tc.precision}, {where}\n"
+            f"[finetune] public model {self.init.folder}; private data: {self.data.description}\n"
+            f"[finetune] trainable {self.trainable_params:,} of {self.total_params:,} UNet parameters "
+            f"({100 * self.trainable_params / self.total_params:.1f}%, {tc.finetune} + class embedder; cross-attention "
+            f"q/k frozen: zero gradient with a one-token context)\n"
+            f"[finetune] DP: N={led.num_examples}, q={led.sample_rate:.5g}, expected batch q*N={led.expected_batch_size:.1f}, "
+            f"steps={pc.steps}, C={led.max_grad_norm:g}, sigma={led.noise_multiplier:.4f}, noise std on the sum "
+            f"sigma*C={led.noise_std:.4g}, on the update sigma*C/(qN)={led.noise_std / led.expected_batch_size:.3g}, "
+            f"delta={led.delta:g}, accountant={led.accountant_name}, epsilon after all steps="
+            f"{led.epsilon_after(pc.steps):.3f} (target {pc.epsilon}){private}\n"
+            f"[finetune] K={self.cfg.diffusion.timesteps_per_example}, physical batch {pc.physical_batch_size}, lr {tc.lr}, "
+            f"warm-up {tc.warmup_steps}, EMA {tc.ema_decay}, noise {self.dp.noise.mode}, seeds "
+            f"{'from train.seed (deterministic)' if tc.deterministic else 'from the OS (secret)'}"
+            + (f"\n[finetune] resumed from {self.resumed_from} at step {led.steps_done} (epsilon spent "
+               f"{led.epsilon_spent():.4g}); changed since: {self.history[-1]['changed'] or 'nothing'}"
+               if self.resumed_from else ""))
+        return logger
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from dpldm.parallel.step import run_logical_step
+        from dpldm.train.dp_loss import ChunkBatch
+        from dpldm.train.private_data import latent_shape
+        from dpldm.train.run_folder import STOP_FILE, StopRequest
+
+        self._claim_run_folder()
+        try:
+            self._setup()
+            logger = self._start_logger()
+        except BaseException:
+            self._release_lock()
+            raise
+        cfg, pc, tc, ctx, dp = self.cfg, self.cfg.privacy, self.cfg.train, self.ctx, self.dp
+        start = dp.step_index
+        stop_at = pc.steps if self.opts.max_steps is None else min(pc.steps, start + self.opts.max_steps)
+        dataset = self.data.dataset
+
+        def load(idx: torch.Tensor) -> ChunkBatch:
+            z0, y = dataset.get_batch(idx)  # (B, Z, h, w) unscaled latents, (B,)
+            return ChunkBatch(z0, y, idx, dp.step_index)
+
+        dummy = ChunkBatch(torch.zeros((1, *latent_shape(cfg))), torch.zeros(1, dtype=torch.int64),
+                           torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step)
+        stop = StopRequest()
+        stop_reason = None
+        t0 = t_log = time.perf_counter()
+        steps_at_log = start
+        try:
+            while dp.step_index < stop_at:
+                run_logical_step(dp, load, lockstep=self.model.lockstep, dummy_batch=dummy,
+                                 after_pass=self.model.after_backward if self.stage == 3 else None)
+                self.scheduler.step()
+                self.ema.update(self.trainable)
+                s = dp.step_index
+                logger.advance()
+                if self.opts.check_every and s % self.opts.check_every == 0:
+                    self.model.sync_check()
+                if s % tc.log_every == 0 or s == pc.steps:
+                    now = time.perf_counter()
+                    rate = (s - steps_at_log) / max(now - t_log, 1e-9)
+                    logger.log(s, {"epsilon": self._epsilon_now(), "lr": self.scheduler.get_last_lr()[0],
+                                   "steps_per_s": rate, "expected_examples_per_s": rate * self.ledger.expected_batch_size,
+                                   "wall_s": now - t0})
+                    t_log, steps_at_log = now, s
+                asked = stop.signal_name or (STOP_FILE if ctx.is_main and (self.run_dir / STOP_FILE).exists() else None)
+                want_stop = ctx.all_reduce_max_int(int(asked is not None or s >= stop_at))
+                if s % tc.checkpoint_every == 0 or s == pc.steps or want_stop:
+                    self._checkpoint()
+                if tc.sample_every and s % tc.sample_every == 0 and ctx.is_main:
+                    logger.log_image(s, self._sample_grid(s))
+                if want_stop and s < pc.steps:
+                    stop_reason = asked or f"--max-steps {self.opts.max_steps}"
+                    break
+        finally:
+            stop.restore()
+            logger.close()
+        return self._finish(stop_reason, time.perf_counter() - t0)
+
+    def _epsilon_now(self) -> float:
+        return self.ledger.epsilon_spent() if not self.cfg.train.not_private else math.inf
+
+    def _meta(self) -> dict[str, Any]:
+        from dpldm.utils.device import describe_device
+
+        return {"config": self.cfg.to_dict(), "init": self.init.to_dict(), "privacy": self.dp.state_dict(),
+                "secrets": {"diffusion_seed": self.diffusion_seed},
+                "data": {"fingerprint": self.data.fingerprint, "num_examples": len(self.data),
+                         "description": self.data.description},
+                "world_size": self.ctx.world_size, "zero_stage": self.stage,
+                "device": describe_device(self.ctx.device), "precision": self.cfg.train.precision,
+                "resumes": self.history, "epsilon_spent": self._epsilon_now()}
+
+    def _checkpoint(self) -> None:
+        """Collective: the replicas and ledgers must agree; rank 0 writes."""
+        from dpldm.train.dp_state import save_state
+
+        digest = self.model.sync_check()
+        ledgers = self.ctx.all_gather_object(json.dumps(self.ledger.state_dict(), sort_keys=True))
+        if len(set(ledgers)) != 1:
+            raise RuntimeError("the ranks' privacy ledgers disagree; refusing to checkpoint")
+        self.ctx.on_main(lambda: save_state(self.run_dir, self.dp.step_index, trainable=self.trainable, ema=self.ema,
+                                            optimizer=self.optimizer, scheduler=self.scheduler,
+                                            meta={**self._meta(), "replica_digest": digest},
+                                            keep=self.cfg.train.keep_checkpoints), share=False)
+
+    def _released_ldm(self):
+        """Rank 0: the init model with the EMA of the trained tensors put back (CPU)."""
+        from dpldm.diffusion.ema import EMA
+
+        ldm = self.init_ldm
+        ldm.cfg = self.cfg  # sampling options and the saved config come from the recipe
+        sd = ldm.unet.state_dict()
+        for n, t in self.ema.shadow.items():
+            sd[n] = t.detach().cpu().to(sd[n].dtype)
+        ldm.unet.load_state_dict(sd)
+        ldm.ema = EMA(ldm.unet, self.cfg.train.ema_decay)
+        return ldm.eval()
+
+    @torch.no_grad()
+    def _sample_grid(self, step: int) -> Path:
+        """An EMA sample grid (post-processing of released updates: no privacy cost)."""
+        from dpldm.utils.grid import save_image_grid
+
+        ldm = self._released_ldm()
+        k = self.cfg.data.num_classes
+        g = torch.Generator().manual_seed(0)  # public
+        x = ldm.sample(torch.arange(k).repeat_interleave(2), generator=g)  # (2k, C, H, W)
+        path = self.run_dir / "samples" / f"step_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_image_grid(x, path, nrow=2 * min(k, 10) if k <= 10 else 10, upscale=2)
+
+    def _finish(self, stop_reason: str | None, wall_s: float) -> dict[str, Any]:
+        from dpldm.models.ldm import save_ldm
+        from dpldm.train.dp_state import privacy_report
+        from dpldm.utils.device import describe_device
+
+        cfg, led = self.cfg, self.ledger
+        report = privacy_report(led, cfg.privacy, private=not cfg.train.not_private, trainable=self.trainable_params,
+                                total=self.total_params, finetune=cfg.train.finetune)
+        result: dict[str, Any] = {"model": None, "privacy": report, "steps_done": led.steps_done,
+                                  "finished": led.steps_done >= cfg.privacy.steps, "stop_reason": stop_reason,
+                                  "device": describe_device(self.ctx.device), "precision": cfg.train.precision,
+                                  "world_size": self.ctx.world_size, "rank": self.ctx.rank}
+        if result["finished"]:
+            def release():
+                path = save_ldm(self.run_dir / "model", self._released_ldm(), {
+                    "privacy": report, "finetuned_from": self.init.folder, "private_data": self.data.description,
+                    "trained": {"device": result["device"], "precision": cfg.train.precision,
+                                "world_size": self.ctx.world_size, "zero_stage": self.stage,
+                                "wall_s_last_invocation": round(wall_s, 1)}})
+                return str(path)
+            result["model"] = self.ctx.on_main(release)
+        elif self.ctx.is_main and self.opts.verbose:
+            print(f"[finetune] stopped at step {led.steps_done} of {cfg.privacy.steps} ({stop_reason}); checkpoint "
+                  f"written. Resume with the same command plus --resume (launch/train.py resumes by default)",
+                  flush=True)
+        self._release_lock()
+        return result
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The machine-readable last line of a trainer run (rank 0)."""
+    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+
+
+def release_from_checkpoint(checkpoint: str | Path, out: str | Path, init: str | None = None,
+                            weights: str = "ema") -> Path:
+    """`launch/train.py --consolidate`: a model folder from a step checkpoint (or a run folder's
+    newest), as the trainer releases it at the end (weights="ema"), or its last iterate ("raw")."""
+    from dpldm.checkpoint import CheckpointError, load_checkpoint
+    from dpldm.diffusion.ema import EMA
+    from dpldm.models.ldm import load_ldm, save_ldm
+    from dpldm.privacy import PrivacyLedger
+    from dpldm.train.dp_state import KIND, privacy_report
+
+    p = Path(checkpoint)
+    if not (p / "meta.json").is_file():
+        steps = list_step_checkpoints(p)
+        if not steps:
+            raise CheckpointError(f"{p}: neither a checkpoint folder nor a run folder with checkpoints/step_*")
+        p = steps[-1]
+    tensors, meta = load_checkpoint(p)
+    if meta.get("kind") != KIND:
+        raise CheckpointError(f"{p}: kind {meta.get('kind')!r} is not a DP fine-tuning checkpoint")
+    if weights not in ("ema", "raw"):
+        raise UserError(f"weights must be ema|raw, got {weights!r}")
+    cfg = RunConfig.from_dict(meta["config"], f"{p}/meta.json")
+    ldm = load_ldm(init or meta["init"]["folder"])
+    ldm.copy_ema_to_unet()
+    if state_sha256(ldm.unet.state_dict()) != meta["init"]["unet_sha256"]:
+        raise CheckpointError(f"{init or meta['init']['folder']}: not the model the run started from (UNet sha256)")
+    sd = ldm.unet.state_dict()
+    prefix = "ema" if weights == "ema" else "train"
+    for n in meta["trainable"]:
+        sd[n] = tensors[f"{prefix}.{n}"].to(sd[n].dtype)
+    ldm.unet.load_state_dict(sd)
+    ldm.cfg = cfg
+    ldm.ema = EMA(ldm.unet, cfg.train.ema_decay)
+    ledger = PrivacyLedger.from_state_dict(meta["privacy"]["ledger"])
+    total = sum(t.numel() for t in ldm.unet.state_dict().values())
+    trainable = sum(tensors[f"train.{n}"].numel() for n in meta["trainable"])
+    report = privacy_report(ledger, cfg.privacy, private=not cfg.train.not_private, trainable=trainable, total=total,
+                            finetune=cfg.train.finetune)
+    return save_ldm(out, ldm.eval(), {"privacy": report, "finetuned_from": meta["init"]["folder"],
+                                      "private_data": meta["data"]["description"],
+                                      "released_from": {"checkpoint": str(p), "step": meta["step"],
+                                                        "weights": "ema" if prefix == "ema" else "last iterate"}})
+
+
+__all__ = ["FinetuneOptions", "train", "print_result", "release_from_checkpoint", "check_privacy_settings",
+           "RESULT_PREFIX"]
