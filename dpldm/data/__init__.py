@@ -8,5 +8,9 @@ fine-tuning). Submodules are imported where used, so `import dpldm.data` stays l
     loaders   PrivateIndexedDataset, InMemoryDataset, PoissonBatchLoader, stream_loader
     manifest  open_shard_folder(dir, expected_ae_hash=None) -> ShardFolder
     inspect   inspect_folder(dir, grid=PNG)
-    errors    DataError, SourceError, ShardError, AutoencoderMismatchError
+    errors    DataError, SourceError, ShardError, AutoencoderMismatchError, OutputError
+    labels    class_labels(names): the one class-folder label rule (import and evaluate)
+    images    read_images(files, ImageOptions(mode, resize, center_crop)): modes, 16-bit, resizing
+    outdir    check_output_folder(out, inputs): what --out may be; writing(path): OSError -> OutputError
+    public    open_public_data(cfg, ...): the public set for pretraining, in memory or streamed from shards
 """

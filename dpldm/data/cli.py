@@ -7,8 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from dpldm.errors import UserError
 from dpldm.data.errors import DataError
+from dpldm.data.images import MODES
+from dpldm.errors import UserError
+from dpldm.utils.device import add_device_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="npy", choices=("npy", "png"), help="image payload format")
     p.add_argument("--num", type=int, default=None, help="glyphs only: how many to render")
     p.add_argument("--seed", type=int, default=0, help="glyphs only: render seed (test split uses seed+1)")
-    p.add_argument("--overwrite", action="store_true", help="replace a folder holding a different dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a shard folder dpldm wrote for a different dataset (never anything else)")
+    p.add_argument("--mode", default=None, choices=MODES,
+                   help="image folders: convert every image to L, RGB or RGBA (needed when modes differ, and for "
+                        "palette / grey+alpha images)")
+    p.add_argument("--resize", type=int, default=None, metavar="S",
+                   help="image folders: scale the shorter side to S (Lanczos); non-square images need --center-crop")
+    p.add_argument("--center-crop", action="store_true",
+                   help="image folders: cut the centred square (S x S after --resize)")
 
     p = sub.add_parser("encode", help="private images once through the frozen encoder into latent shards")
     p.add_argument("--shards", required=True, help="image shard folder (from `dpldm data import`)")
@@ -31,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output latent shard folder")
     p.add_argument("--format", default="npy", choices=("npy", "pth"), help="latent payload format")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--overwrite", action="store_true", help="replace latents made by another autoencoder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a latent folder dpldm wrote with another autoencoder (never anything else)")
+    add_device_argument(p)
 
     p = sub.add_parser("inspect", help="counts, class histogram and a PNG grid of a shard folder")
     p.add_argument("dir", help="shard folder")
@@ -42,63 +54,91 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    progress = _Progress()
     try:
-        return {"import": _import, "encode": _encode, "inspect": _inspect}[args.data_command](args)
+        return {"import": _import, "encode": _encode, "inspect": _inspect}[args.data_command](args, progress)
     except DataError as e:
         raise UserError(str(e)) from None
+    finally:
+        progress.close()  # an error message must start on its own line, not after a \r progress line
 
 
-def _progress(label: str):
-    t0 = time.time()
+class _Progress:
+    """A `\r`-rewritten progress line on stderr, ended with a newline before anything else is printed."""
 
-    def on_shard(k: int) -> None:
-        print(f"\r{label}: shard {k + 1} done ({time.time() - t0:.1f}s)", end="", file=sys.stderr, flush=True)
-    return on_shard
+    def __init__(self) -> None:
+        self.open = False
+
+    def start(self, label: str):
+        t0 = time.time()
+
+        def on_shard(k: int) -> None:
+            print(f"\r{label}: shard {k + 1} done ({time.time() - t0:.1f}s)", end="", file=sys.stderr, flush=True)
+            self.open = True
+        return on_shard
+
+    def close(self) -> None:
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
 
 
-def _report(verb: str, report, out: str) -> None:
+def _report(verb: str, report, out: str, progress: _Progress) -> None:
     m = report.manifest
-    print(file=sys.stderr)
+    progress.close()
     print(f"{verb} {m['num_examples']} examples into {len(m['shards'])} shard(s) in {out} "
           f"(written {len(report.written)}, kept {len(report.skipped)} intact from an earlier run)")
     print(f"class histogram: {m['class_histogram']}")
 
 
-def _import(args: argparse.Namespace) -> int:
+def _import(args: argparse.Namespace, progress: _Progress) -> int:
+    from dpldm.data.images import ImageOptions
+    from dpldm.data.outdir import check_output_folder
     from dpldm.data.shards import import_arrays
-    from dpldm.data.sources import load_source
+    from dpldm.data.sources import load_source, source_path
 
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
-    images, labels, meta = load_source(args.source, args.split, num=args.num, seed=args.seed)
+    options = ImageOptions(mode=args.mode, resize=args.resize, center_crop=args.center_crop)
+    check_output_folder(args.out, [("--source", source_path(args.source))])  # before loading anything
+    images, labels, meta = load_source(args.source, args.split, num=args.num, seed=args.seed, image_options=options)
     print(f"source {args.source} [{args.split}]: {images.shape} {images.dtype}, {meta['num_classes']} classes",
           file=sys.stderr)
+    if "label_rule" in meta:
+        print(f"labels: {meta['label_rule_text']} ({_short_map(meta['class_to_label'])}); "
+              f"images: {meta['images']['conversion']}", file=sys.stderr)
     report = import_arrays(images, labels, meta, args.out, shard_size=args.shard_size, fmt=args.format,
-                           overwrite=args.overwrite, on_shard=_progress("import"))
-    _report("imported", report, args.out)
+                           overwrite=args.overwrite, on_shard=progress.start("import"))
+    _report("imported", report, args.out, progress)
     return 0
 
 
-def _encode(args: argparse.Namespace) -> int:
-    from dpldm.checkpoint import CheckpointError
+def _short_map(m: dict[str, int], n: int = 6) -> str:
+    items = [f"{k}->{v}" for k, v in m.items()]
+    return ", ".join(items[:n]) + (f", ... ({len(items)} classes)" if len(items) > n else "")
+
+
+def _encode(args: argparse.Namespace, progress: _Progress) -> int:
     from dpldm.data.latents import encode_shards, load_encoder
+    from dpldm.data.outdir import check_output_folder
+    from dpldm.utils.device import describe_device, resolve_device
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        encode_fn, ae_hash, info = load_encoder(args.autoencoder)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
-    print(f"autoencoder {args.autoencoder}: sha256 {ae_hash[:16]}...", file=sys.stderr)
+    device = resolve_device(args.device)
+    inputs = [("--shards", args.shards), ("--autoencoder", args.autoencoder)]
+    check_output_folder(args.out, inputs)  # before loading anything
+    encode_fn, ae_hash, info = load_encoder(args.autoencoder, device=device)
+    print(f"autoencoder {args.autoencoder}: sha256 {ae_hash[:16]}... on {describe_device(device)}", file=sys.stderr)
     report = encode_shards(args.shards, args.out, encode_fn, autoencoder_sha256=ae_hash, batch_size=args.batch_size,
                            fmt=args.format, overwrite=args.overwrite, autoencoder_info=info,
-                           on_shard=_progress("encode"))
-    _report("encoded", report, args.out)
+                           on_shard=progress.start("encode"), inputs=inputs[1:])
+    _report("encoded", report, args.out, progress)
     print(f"latent shape {report.manifest['latent_shape']} (float32, posterior mean, unscaled)")
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _inspect(args: argparse.Namespace, progress: _Progress) -> int:
     from dpldm.data.inspect import inspect_folder
 
     grid = None if args.grid == "none" else (args.grid or str(Path(args.dir) / "inspect_grid.png"))

@@ -33,3 +33,8 @@ class ShardError(DataError):
 
 class AutoencoderMismatchError(ShardError):
     """Latent shards were made with another autoencoder than the one the reader expects."""
+
+
+class OutputError(DataError):
+    """An output folder that must not or cannot be written: a file, the input itself (or inside it,
+    or around it), a folder dpldm did not write, no permission, a full disk."""

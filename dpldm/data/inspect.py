@@ -6,7 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from dpldm.data.errors import OutputError
 from dpldm.data.manifest import ShardFolder, open_shard_folder
+from dpldm.data.outdir import check_writable, writing
 from dpldm.data.shards import iter_shard, verify_folder
 
 
@@ -67,24 +69,58 @@ def make_grid(rows: list[np.ndarray], min_cell: int = 48, pad: int = 2) -> np.nd
     return grid
 
 
-def write_grid(folder: ShardFolder, path: str | Path, per_class: int = 8) -> Path:
-    """One row per class (first examples found), written atomically as PNG."""
+DEFAULT_GRID = "inspect_grid.png"
+GRID_TAG = ("dpldm", "inspect-grid")  # a PNG text chunk: the grid files dpldm may replace
+
+
+def check_grid_path(path: str | Path) -> Path:
+    """Refuse a --grid that is a folder, not a .png, or an existing file dpldm did not write."""
     from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"--grid {path} is a folder: give a .png file path (e.g. {path / 'inspect_grid.png'})")
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"--grid {path}: the grid is a PNG; give a path ending in .png")
+    if path.exists():
+        try:
+            with Image.open(path) as im:
+                ours = im.info.get(GRID_TAG[0]) == GRID_TAG[1]
+        except Exception:  # noqa: BLE001 - not an image at all
+            ours = False
+        # the default grid inside a shard folder (older dpldm versions wrote it untagged)
+        ours = ours or (path.name == DEFAULT_GRID and (path.parent / "manifest.json").is_file())
+        if not ours:
+            raise OutputError(f"--grid {path} exists and was not written by `dpldm data inspect`; "
+                              "refusing to replace it: choose another path")
+    check_writable(path.parent, flag="--grid")
+    return path
+
+
+def write_grid(folder: ShardFolder, path: str | Path, per_class: int = 8) -> Path:
+    """One row per class (first examples found), written atomically as PNG (tagged as dpldm's)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     from dpldm.utils.io import atomic_path
 
+    path = check_grid_path(path)
     xs, ys = examples_by_class(folder, per_class)
     shown = to_display(xs, folder.kind)
     grid = make_grid([shown[ys == y] for y in np.unique(ys)])
     img = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    info = PngInfo()
+    info.add_text(*GRID_TAG)
+    with writing(path):
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
 def inspect_folder(path: str | Path, grid: str | Path | None = None, per_class: int = 8, verify: bool = False) -> dict[str, Any]:
     folder = open_shard_folder(path)
+    if grid is not None:
+        check_grid_path(grid)  # before the (slow) verification
     info = summary(folder)
     if verify:
         info["verified_class_histogram"] = verify_folder(folder)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from dpldm.data.codec import SampleSpec, images_to_tensor, sample_key
 from dpldm.data.errors import ShardError
 from dpldm.data.manifest import open_shard_folder
+from dpldm.data.outdir import check_not_input
 from dpldm.data.shards import FolderWriter, WriteReport, read_shard_arrays
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) float32 in [-1, 1] -> (B, Z, h, w)
@@ -53,22 +54,25 @@ def autoencoder_hash(folder: str | Path) -> str:
     return ae_state_hash(state)
 
 
-def load_encoder(folder: str | Path) -> tuple[EncodeFn, str, dict[str, Any]]:
+def load_encoder(folder: str | Path, device: torch.device | str = "cpu") -> tuple[EncodeFn, str, dict[str, Any]]:
     """(encode_fn = posterior mean of the frozen autoencoder, its hash, info) from a checkpoint
-    folder written by dpldm.models.ldm (kind "autoencoder" or "ldm", or a run folder)."""
+    folder written by dpldm.models.ldm (kind "autoencoder" or "ldm", or a run folder). The
+    autoencoder runs on `device`; encode_fn takes and returns tensors on any device."""
     from dpldm.models.ldm import load_autoencoder
 
     ae, _cfg, meta = load_autoencoder(folder)
-    ae.eval().requires_grad_(False)
+    ae_hash = ae_state_hash(ae.state_dict())  # of the loaded (CPU) weights: the same on every device
+    device = torch.device(device)
+    ae.eval().requires_grad_(False).to(device)
 
     @torch.no_grad()
-    def encode_fn(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, Z, h, w)
-        return ae.encode(x).mean
+    def encode_fn(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, Z, h, w) on `device`
+        return ae.encode(x.to(device)).mean
 
-    info = {"path": str(Path(folder).resolve()), "kind": meta.get("kind"),
+    info = {"path": str(Path(folder).resolve()), "kind": meta.get("kind"), "device": str(device),
             "checkpoint_tensors_sha256": meta.get("tensors_sha256"), "scale_factor": meta.get("scale_factor"),
             "in_channels": ae.cfg.in_channels, "latent_channels": ae.cfg.latent_channels}
-    return encode_fn, ae_state_hash(ae.state_dict()), info
+    return encode_fn, ae_hash, info
 
 
 def encode_array(encode_fn: EncodeFn, images: np.ndarray, batch_size: int, *, shard: str,
@@ -102,16 +106,19 @@ def encode_array(encode_fn: EncodeFn, images: np.ndarray, batch_size: int, *, sh
 def encode_shards(shards: str | Path, out: str | Path, encode_fn: EncodeFn, *, autoencoder_sha256: str,
                   batch_size: int = 256, fmt: str = "npy", overwrite: bool = False,
                   autoencoder_info: dict[str, Any] | None = None,
-                  on_shard: Callable[[int], None] | None = None) -> WriteReport:
-    """Encode an image shard folder into a latent shard folder (see module doc)."""
+                  on_shard: Callable[[int], None] | None = None,
+                  inputs: Sequence[tuple[str, Any]] = ()) -> WriteReport:
+    """Encode an image shard folder into a latent shard folder (see module doc). `out` may not be,
+    lie inside or contain `shards` (or any of the extra (flag, path) `inputs`)."""
     if fmt not in ("npy", "pth"):
         raise ValueError(f"latent format must be npy or pth, got {fmt!r}")
+    check_not_input(out, [("--shards", shards), *inputs])  # before reading anything
     src = open_shard_folder(shards)
     if src.kind != "images":
         raise ShardError(f"expected image shards, found {src.kind}", shard=str(src.path))
     fingerprint = {"kind": "latents", "format": fmt, "autoencoder_sha256": autoencoder_sha256,
                    "num_examples": src.num_examples, "source_shards_sha256": [s.sha256 for s in src.shards]}
-    w = FolderWriter(Path(out), fingerprint, overwrite)
+    w = FolderWriter(Path(out), fingerprint, overwrite, inputs=[("--shards", shards), *inputs])
     for k, info in enumerate(src.shards):
         if not w.is_done(k, info.nsamples):
             images, labels = read_shard_arrays(src, k, verify="sha256")

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
 
 from dpldm.data.codec import SampleSpec, decode_sample, encode_sample, sample_key
-from dpldm.data.errors import ShardError, SourceError
+from dpldm.data.errors import OutputError, ShardError, SourceError
 from dpldm.data.manifest import (FORMAT_VERSION, INDEX, MANIFEST, PROGRESS, ShardFolder,
                                  diagnose_tar, read_json, sha256_file, shard_name, wids_index, write_json)
-from dpldm.data.sources import source_fingerprint, validate_source
+from dpldm.data.outdir import check_output_folder, is_our_tmp, owned_names, writing
+from dpldm.data.sources import source_fingerprint, source_path, validate_source
 from dpldm.utils.io import atomic_path
 
 TAR_MTIME = 0  # fixed member mtime: the same examples always give byte-identical shards
@@ -38,34 +39,50 @@ def write_shard(path: Path, first_index: int, xs: np.ndarray, ys: np.ndarray, ex
 
 @dataclass
 class FolderWriter:
+    """Writes one shard folder; see the module doc. `inputs` are (flag, path) pairs the folder must
+    not equal, lie inside or contain (dpldm.data.outdir). With `overwrite`, a folder holding
+    another dpldm import/encode is emptied of exactly the files its record lists (manifest,
+    index, progress and the shards it names); nothing else is ever deleted."""
     out: Path
     fingerprint: dict[str, Any]
     overwrite: bool = False
+    inputs: Sequence[tuple[str, Any]] = ()
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.out = Path(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".shard-*.tmp"):  # left by a killed run; never a finished shard
-            stale.unlink()
+        previous = check_output_folder(self.out, self.inputs)
+        created = not self.out.exists()
+        with writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
         self._done: dict[str, dict[str, Any]] = {}
-        previous = None
-        for name in (PROGRESS, MANIFEST):
-            if (self.out / name).is_file():
-                previous = read_json(self.out / name, name)
-                break
-        if previous is not None and previous.get("fingerprint") != self.fingerprint:
-            if not self.overwrite:
-                raise SourceError(
-                    f"{self.out} already holds a different dataset ({_describe(previous.get('fingerprint'))}); "
-                    f"nothing was changed. Choose another folder, or overwrite it (--overwrite)")
-            for name in (MANIFEST, INDEX, PROGRESS):  # the folder is incomplete from here on
-                (self.out / name).unlink(missing_ok=True)
-            for old in self.out.glob("shard-*.tar"):
-                old.unlink()
-        elif previous is not None:
-            self._done = {str(s["k"]): s for s in previous.get("shards", [])}
+        self._owned: set[str] = owned_names(previous)
+        try:
+            for stale in self.out.iterdir():  # temporary files of a killed run; never a finished file
+                if is_our_tmp(stale.name):
+                    stale.unlink()
+            if previous is not None and previous.get("fingerprint") != self.fingerprint:
+                if not self.overwrite:
+                    raise SourceError(
+                        f"{self.out} already holds a different dataset ({_describe(previous.get('fingerprint'))}); "
+                        f"nothing was changed. Choose another folder, or overwrite it (--overwrite)")
+                for name in (MANIFEST, INDEX, PROGRESS):  # the folder is incomplete from here on
+                    (self.out / name).unlink(missing_ok=True)
+                for name in sorted(self._owned):  # only the shards dpldm's record lists
+                    (self.out / name).unlink(missing_ok=True)
+                self._owned = set()
+            elif previous is not None:
+                self._done = {str(s["k"]): s for s in previous.get("shards", []) if "k" in s}
+        except OSError as e:
+            if created:
+                _remove_if_empty(self.out)
+            raise OutputError(f"{self.out}: cannot prepare the folder ({e.strerror or e})") from None
+
+    def _save_progress(self) -> None:
+        with writing(self.out / PROGRESS, self.out):
+            write_json(self.out / PROGRESS, {"fingerprint": self.fingerprint, "reserved": sorted(self._owned),
+                                             "shards": sorted(self._done.values(), key=lambda s: s["k"])})
 
     def is_done(self, k: int, nsamples: int) -> bool:
         """Shard k was finished by an earlier run and is still intact (sha256 checked)."""
@@ -78,12 +95,19 @@ class FolderWriter:
         return ok
 
     def write(self, k: int, first_index: int, xs: np.ndarray, ys: np.ndarray, ext: str) -> None:
-        info = write_shard(self.out / shard_name(k), first_index, xs, ys, ext)
+        path = self.out / shard_name(k)
+        if path.name not in self._owned:
+            if path.exists():
+                raise OutputError(f"{path}: exists but dpldm's records in {self.out} do not list it; "
+                                  "refusing to replace a file dpldm did not write")
+            self._owned.add(path.name)
+            self._save_progress()  # recorded before the file appears, so a killed run knows it is ours
+        with writing(path, self.out):
+            info = write_shard(path, first_index, xs, ys, ext)
         self._done[str(k)] = {"k": k, **info, "class_histogram": np.bincount(ys).tolist(),
                               "example_shape": list(xs.shape[1:]), "dtype": str(xs.dtype)}
         self.written.append(k)
-        write_json(self.out / PROGRESS, {"fingerprint": self.fingerprint,
-                                         "shards": sorted(self._done.values(), key=lambda s: s["k"])})
+        self._save_progress()
 
     def record(self, k: int) -> dict[str, Any]:
         return self._done[str(k)]
@@ -102,13 +126,26 @@ class FolderWriter:
             "shards": shards,  # k, name, nsamples, filesize, sha256, class_histogram, example_shape, dtype
         }
         keep = {s["name"] for s in shards}
-        for old in self.out.glob("shard-*.tar"):
-            if old.name not in keep:  # only left behind by an overwritten, larger import
-                old.unlink()
-        write_json(self.out / INDEX, wids_index(shards, name=f"{fields.get('source', '')}:{fields.get('split', '')}"))
-        write_json(self.out / MANIFEST, manifest)  # last: its presence marks the folder complete
+        with writing(self.out, self.out):
+            for name in sorted(self._owned - keep):  # ours, left by an earlier, larger run of this import
+                (self.out / name).unlink(missing_ok=True)
+        try:
+            with writing(self.out / INDEX, self.out):
+                write_json(self.out / INDEX, wids_index(shards, name=f"{fields.get('source', '')}:{fields.get('split', '')}"))
+            with writing(self.out / MANIFEST, self.out):
+                write_json(self.out / MANIFEST, manifest)  # last: its presence marks the folder complete
+        except OutputError:
+            (self.out / INDEX).unlink(missing_ok=True)  # an index without a manifest would look half-done
+            raise
         (self.out / PROGRESS).unlink(missing_ok=True)
         return manifest
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _describe(fp: dict | None) -> str:
@@ -128,7 +165,8 @@ class WriteReport:
 def import_arrays(images: np.ndarray, labels: np.ndarray, meta: dict[str, Any], out: str | Path, *,
                   shard_size: int = 1000, fmt: str = "npy", overwrite: bool = False,
                   on_shard: Callable[[int], None] | None = None) -> WriteReport:
-    """Write a validated source (see sources.load_source) as an image shard folder."""
+    """Write a validated source (see sources.load_source) as an image shard folder. `out` may not
+    be, lie inside or contain the source's own file or folder (meta["source"])."""
     if "num_classes" not in meta:
         raise SourceError("source meta needs num_classes")
     validate_source(images, labels, meta, where=str(meta.get("source", "source")))
@@ -139,7 +177,8 @@ def import_arrays(images: np.ndarray, labels: np.ndarray, meta: dict[str, Any], 
     # what identifies the shards' bytes (the source's name may be spelled differently on a rerun)
     fingerprint = {"kind": "images", "split": meta.get("split"), "format": fmt,
                    "shard_size": int(shard_size), "num_examples": n, "data_sha256": source_fingerprint(images, labels)}
-    w = FolderWriter(Path(out), fingerprint, overwrite)
+    src = source_path(str(meta.get("source", ""))) if meta.get("source") else None
+    w = FolderWriter(Path(out), fingerprint, overwrite, inputs=[("--source", src)])
     starts = list(range(0, n, shard_size))
     for k, start in enumerate(starts):
         stop = min(n, start + shard_size)

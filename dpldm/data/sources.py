@@ -13,8 +13,11 @@ Built-in sources (all offline):
                (alien, ape, zombie, female, male -> 0..4); first 9,000 train, last 1,000 test
                (the package's own split).
 Paths:
-  DIR          an image folder: one subfolder per class (sorted names -> labels 0..K-1); if DIR
-               has `train/` and `test/` subfolders the split picks one, else DIR is the split.
+  DIR          an image folder: one subfolder per class, labels by dpldm.data.labels (integer
+               names -> label = int(name); other names sorted -> 0..K-1; a mix refused), pixels
+               by dpldm.data.images (one mode or an explicit --mode, 16-bit scaled, --resize /
+               --center-crop); if DIR has `train/` and `test/` subfolders the split picks one,
+               else DIR is the split.
   FILE.npz     arrays `images` (uint8) and `labels` (int); or `{split}_images`/`{split}_labels`.
                Optional `class_names`, `num_classes`.
 """
@@ -28,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from dpldm.data.errors import SourceError
+from dpldm.data.images import ImageOptions, read_images
+from dpldm.data.labels import class_labels
 
 SPLITS = ("train", "test")
 BUILTIN = ("glyphs", "mnist5k", "digits", "cryptopunks")
@@ -39,10 +44,12 @@ _SPLIT_SEED = 20240531  # fixed: the stratified splits never change between runs
 Source = tuple[np.ndarray, np.ndarray, dict[str, Any]]
 
 
-def load_source(name: str, split: str = "train", *, num: int | None = None, seed: int = 0) -> Source:
+def load_source(name: str, split: str = "train", *, num: int | None = None, seed: int = 0,
+                image_options: ImageOptions | None = None) -> Source:
     """Load a source split, validated (see `validate_source`).
 
-    `num`, `seed`: glyphs only (how many to render; the test split adds 1 to the seed)."""
+    `num`, `seed`: glyphs only (how many to render; the test split adds 1 to the seed).
+    `image_options`: image folders only (`--mode`, `--resize`, `--center-crop`)."""
     if split not in SPLITS:
         raise SourceError(f"split must be one of {SPLITS}, got {split!r}")
     loaders: dict[str, Callable[[str], Source]] = {
@@ -51,19 +58,36 @@ def load_source(name: str, split: str = "train", *, num: int | None = None, seed
         "digits": _digits,
         "cryptopunks": _cryptopunks,
     }
+    is_folder = name not in loaders and (name.startswith("folder:") or (
+        not name.startswith("npz:") and Path(name).suffix != ".npz" and Path(name).is_dir()))
+    if image_options is not None and not image_options.is_default and not is_folder:
+        raise SourceError(f"{name}: --mode/--resize/--center-crop apply to image folders only")
     if name in loaders:
         images, labels, meta = loaders[name](split)
     else:
-        path = Path(name[len("folder:"):] if name.startswith("folder:") else name[len("npz:"):] if name.startswith("npz:") else name)
+        path = source_path(name)
         if name.startswith("npz:") or path.suffix == ".npz":
             images, labels, meta = _npz(path, split)
-        elif name.startswith("folder:") or path.is_dir():
-            images, labels, meta = _folder(path, split)
+        elif is_folder:
+            if (path / "manifest.json").is_file():
+                raise SourceError(f"{path}: a shard folder (it holds manifest.json), not an image folder; "
+                                  "shard folders are read directly by the trainers")
+            images, labels, meta = _folder(path, split, image_options)
         else:
             raise SourceError(f"unknown source {name!r}: expected one of {BUILTIN}, an image folder or a .npz file")
     meta = {"source": name, "split": split, **meta}
     validate_source(images, labels, meta, where=name)
     return images, labels, meta
+
+
+def source_path(name: str) -> Path | None:
+    """The file or folder a source name points at (None for built-in sources)."""
+    if name in BUILTIN:
+        return None
+    for prefix in ("folder:", "npz:"):
+        if name.startswith(prefix):
+            return Path(name[len(prefix):])
+    return Path(name)
 
 
 def validate_source(images: np.ndarray, labels: np.ndarray, meta: dict[str, Any], where: str = "source") -> None:
@@ -224,41 +248,29 @@ def _npz(path: Path, split: str) -> Source:
     return images, labels, meta
 
 
-def _has_alpha(im) -> bool:
-    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-
-
-def _folder(root: Path, split: str) -> Source:
+def _folder(root: Path, split: str, options: ImageOptions | None) -> Source:
+    """An image folder: one subfolder per class, labels by the shared rule (dpldm.data.labels),
+    pixels by dpldm.data.images (modes, 16-bit, --resize/--center-crop)."""
     if not root.is_dir():
         raise SourceError(f"{root}: image folder not found")
     if (root / "train").is_dir() and (root / "test").is_dir():
         root = root / split
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(root.iterdir())
+    classes = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if not classes:
         raise SourceError(f"{root}: no class subfolders (expected one subfolder of images per class)")
+    if loose:
+        raise SourceError(f"{loose[0]}: an image directly in the folder, beside the class subfolders "
+                          f"{classes[:3]}...; move every image into its class subfolder")
+    rule = class_labels(classes, where=str(root))
     files: list[tuple[Path, int]] = []
-    for label, c in enumerate(classes):
-        files += [(p, label) for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    for c, label in rule.class_to_label.items():
+        files += [(p, label) for p in sorted((root / c).iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise SourceError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class subfolders")
-    from PIL import Image
-
-    pil = []
-    for p, _ in files:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                pil.append(im.copy())
-        except Exception as e:  # noqa: BLE001
-            raise SourceError(f"{p}: unreadable image ({type(e).__name__}: {e})") from None
-    mode = "L" if all(im.mode in ("L", "1") for im in pil) else ("RGBA" if any(map(_has_alpha, pil)) else "RGB")
-    size = pil[0].size
-    arrays = []
-    for (p, _), im in zip(files, pil):
-        if im.size != size:
-            raise SourceError(f"{p}: size {im.size} differs from {files[0][0]}'s {size} (resize the folder first)")
-        arrays.append(np.asarray(im.convert(mode), dtype=np.uint8))
-    images = np.stack(arrays)
+    images, notes = read_images([p for p, _ in files], options)
     labels = np.array([lab for _, lab in files], dtype=np.int64)
-    return images, labels, {"num_classes": len(classes), "class_names": classes, "folder": str(root),
-                            "files": [str(p.relative_to(root)) for p, _ in files]}
+    return images, labels, {"num_classes": rule.num_classes, "class_names": rule.class_names(), "folder": str(root),
+                            **rule.to_json(), "image_options": (options or ImageOptions()).to_json(),
+                            "images": notes, "files": [str(p.relative_to(root)) for p, _ in files]}
