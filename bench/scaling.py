@@ -44,9 +44,10 @@ def worker(args: argparse.Namespace) -> None:
     from dpldm.models.selection import apply_finetune
     from dpldm.models.unet import UNet
     from dpldm.parallel import init_distributed
-    from dpldm.parallel.runner import latent_shape, make_loss_fn
-    from dpldm.parallel.state import shared_ledger
     from dpldm.parallel.step import run_logical_step
+    from dpldm.privacy.accountant import PrivacyLedger
+    from dpldm.train.dp_loss import ChunkBatch, DiffusionDPLoss
+    from dpldm.train.private_data import latent_shape
     from dpldm.parallel.zero import build_model, load_ds_config
     from dpldm.privacy.dp_step import DPStep
     from dpldm.privacy.noise import GaussianNoise
@@ -73,29 +74,29 @@ def worker(args: argparse.Namespace) -> None:
     xs = torch.randn((N, *shape), generator=g)
     ys = torch.randint(0, cfg.data.num_classes, (N,), generator=g)
     sched = DiffusionSchedule.from_config(cfg.diffusion)
-    loss_fn = make_loss_fn(cfg, sched, ctx.device)
-    dummy = (torch.zeros((1, *shape), device=ctx.device), torch.zeros(1, dtype=torch.int64),
-             torch.zeros(1, dtype=torch.int64), 0)
+    loss_fn = DiffusionDPLoss(sched, scale_factor=1.0, timesteps_per_example=cfg.diffusion.timesteps_per_example,
+                              cond_drop_prob=0.0, seed=5, device=ctx.device)
+    dummy = ChunkBatch(torch.zeros((1, *shape)), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), 0)
     params = list(sm.trainable().values())
     opt = torch.optim.AdamW(params, lr=1e-4)
     cuda = ctx.device.type == "cuda"
     rows = []
     for k, L in enumerate([batches[0]] + batches):  # the first is a warm-up
         priv = cfg.privacy.__class__(**{**vars(cfg.privacy), "expected_batch_size": L})
-        ledger = shared_ledger(ctx, priv, N, seed=1234)
+        ledger = PrivacyLedger.from_state_dict(ctx.on_main(lambda: PrivacyLedger.from_config(priv, N, seed=1234).state_dict()))
         dp = DPStep(sm.module, loss_fn, ledger, noise=GaussianNoise(seed=5), optimizer=opt, world=ctx.world(),
-                    backend="torch")
+                    backend="torch", physical_batch_size=args.physical, acc_dtype=torch.float64)
 
         def load(idx, dp=dp):
-            return xs[idx].to(ctx.device), ys[idx], idx, dp.step_index
+            return ChunkBatch(xs[idx], ys[idx], idx, dp.step_index)
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         ctx.barrier()
         t0 = time.perf_counter()
-        counts = run_logical_step(dp, load, args.physical, lockstep=sm.lockstep, dummy_batch=dummy,
-                                  after_pass=sm.after_backward)
+        counts = run_logical_step(dp, load, lockstep=sm.lockstep, dummy_batch=dummy, after_pass=sm.after_backward)
+        counts["global"] = int(ledger.plan.indices(dp.step_index - 1).numel())
         if cuda:
             torch.cuda.synchronize()
         ctx.barrier()

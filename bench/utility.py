@@ -67,40 +67,46 @@ def evaluate_generative(ldm, cfg: RunConfig, args, cache: Path) -> dict:
 
 def run_dp_finetune(cfg: RunConfig, out: Path, finetune_spec: str) -> tuple:
     from dpldm.models.ldm import load_ldm
-    from dpldm.train.finetune import finetune
+    from dpldm.train.dp_finetune import FinetuneOptions, train
 
     cfg.train.finetune = finetune_spec
     cfg.train.out_dir = str(out)
     cfg.train.wandb = False
-    res = finetune(cfg, out, init=cfg.train.init_checkpoint or None, resume=(out / "checkpoints").is_dir())
+    res = train(cfg, FinetuneOptions(out=out, init=cfg.train.init_checkpoint or None,
+                                     resume=(out / "checkpoints").is_dir()))
     return load_ldm(res["model"]), res["privacy"]
 
 
 def run_nonprivate_finetune(cfg: RunConfig, out: Path) -> tuple:
     """Attention fine-tuning with plain AdamW on uniformly drawn batches of the same expected
     size and the same number of steps as the DP runs: no clipping, no noise (the ceiling)."""
+    from dpldm.data.latents import ae_state_hash
     from dpldm.diffusion.ema import EMA
     from dpldm.models.ldm import load_public_model
     from dpldm.models.selection import apply_finetune, count_parameters
-    from dpldm.train.finetune import DiffusionLossFn, load_private_latents
+    from dpldm.parallel.dist import single_process_context
+    from dpldm.train.dp_loss import ChunkBatch, DiffusionDPLoss
+    from dpldm.train.private_data import open_private_data
 
     ldm = load_public_model()
     ldm.cfg = cfg
     ldm.copy_ema_to_unet()
     apply_finetune(ldm.unet, cfg.train.finetune)
-    data = load_private_latents(cfg, ldm, cfg.data.private, None)
+    data = open_private_data(cfg, single_process_context(), ae=ldm.ae, ae_sha256=ae_state_hash(ldm.ae.state_dict()))
     params = [p for p in ldm.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     ema = EMA(ldm.unet, cfg.train.ema_decay)
-    loss_fn = DiffusionLossFn(ldm, cfg, cfg.train.seed)
+    loss_fn = DiffusionDPLoss(ldm.schedule, scale_factor=ldm.scale_factor,
+                              timesteps_per_example=cfg.diffusion.timesteps_per_example,
+                              cond_drop_prob=cfg.diffusion.cond_drop_prob, seed=cfg.train.seed, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(cfg.train.seed)
     B, pb = cfg.privacy.expected_batch_size, cfg.privacy.physical_batch_size
     for step in range(cfg.privacy.steps):
-        loss_fn.at(step)
         idx = torch.randint(0, len(data), (B,), generator=g)
         opt.zero_grad(set_to_none=True)
         for s in range(0, B, pb):
-            loss = loss_fn(ldm.unet, data.dataset.get_batch(idx[s:s + pb])).sum() / B
+            z0, y = data.dataset.get_batch(idx[s:s + pb])
+            loss = loss_fn(ldm.unet, ChunkBatch(z0, y, idx[s:s + pb], step)).sum() / B
             loss.backward()
         opt.step()
         ema.update(ldm.unet)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dpldm.config import RunConfig, load_config
+from dpldm.utils.device import add_device_argument
 from dpldm.utils.io import atomic_write_text
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fid", action="store_true", help="skip FID/KID (downstream accuracy only)")
     parser.add_argument("--no-wandb", action="store_true", help="turn wandb logging off")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo fine-tuning")
+    add_device_argument(parser, default=None)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default train.precision")
 
 
 @torch.no_grad()
@@ -46,11 +49,12 @@ def sample_per_class(ldm, num_classes: int, per_class: int, *, batch: int = 250,
     from tqdm import tqdm
 
     labels = torch.arange(num_classes).repeat_interleave(per_class)  # (n,)
+    device = next(ldm.unet.parameters()).device
     out = []
     g = torch.Generator().manual_seed(seed)
     for s in tqdm(range(0, labels.numel(), batch), desc="sampling", disable=not progress):
-        x = ldm.sample(labels[s:s + batch], generator=g)  # (b, C, H, W) in [-1, 1]
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        x = ldm.sample(labels[s:s + batch].to(device), generator=g)  # (b, C, H, W) in [-1, 1]
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     imgs = torch.cat(out).permute(0, 2, 3, 1).numpy()  # (n, H, W, C)
     return (imgs[..., 0] if imgs.shape[-1] == 1 else imgs), labels.numpy()
 
@@ -88,24 +92,34 @@ def run(args: argparse.Namespace) -> int:
     from dpldm.data.sources import load_source
     from dpldm.eval.evaluate import evaluate_synthetic
     from dpldm.models.ldm import load_ldm
-    from dpldm.train.finetune import finetune
+    from dpldm.train.dp_finetune import FinetuneOptions, train
+    from dpldm.utils.device import describe_device, resolve_device
 
     t0 = time.time()
     out = Path(args.out)
     overrides = list(args.set) + [f"train.out_dir={json.dumps(str(out / 'finetune'))}"]
     if args.no_wandb:
         overrides.append("train.wandb=false")
+    if args.device is not None:
+        overrides.append(f"train.device={json.dumps(args.device)}")
+    if args.precision is not None:
+        overrides.append(f"train.precision={json.dumps(args.precision)}")
     cfg: RunConfig = load_config(args.config, overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device, "train.device / --device")
     model_dir = out / "finetune" / "model"
     if (model_dir / "meta.json").is_file() and not args.resume:
         print(f"[demo] reusing the fine-tuned model in {model_dir} (delete it to fine-tune again)")
         ldm = load_ldm(model_dir)
         privacy = ldm.meta["privacy"]
+        trained = ldm.meta.get("trained", {})
     else:
-        res = finetune(cfg, out / "finetune", init=cfg.train.init_checkpoint or None, resume=args.resume)
+        res = train(cfg, FinetuneOptions(out=out / "finetune", init=cfg.train.init_checkpoint or None,
+                                         resume=args.resume))
         ldm, privacy = load_ldm(res["model"]), res["privacy"]
+        trained = {"device": res["device"], "precision": res["precision"]}
+    ldm.to(device)
     t_ft = time.time() - t0
 
     nc = cfg.data.num_classes
@@ -132,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         "kid": ev.get("kid"), "kid_std": ev.get("kid_std"),
         "accuracy": ev.get("accuracy"), "n_test_real": ev.get("n_test_real"),
         "n_synthetic": int(len(images)), "wall_time_s": round(wall, 1),
+        "finetune_device": trained.get("device"), "finetune_precision": trained.get("precision"),
+        "sampling_device": describe_device(device),
         "seconds_finetune": round(t_ft, 1), "seconds_sampling": round(t_sample, 1),
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
@@ -146,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         "KID": _kid_text(report),
         "downstream accuracy (real test)": f"{_percent(report['accuracy'])} ({fmt['n_test_real']} real test images, "
                                            f"CNN trained on {report['n_synthetic']} synthetic)",
+        "fine-tuned on / precision": f"{report['finetune_device']} / {report['finetune_precision']}",
+        "sampled on": report["sampling_device"],
         "wall time (s)": f"{fmt['wall_time_s']} (fine-tune {fmt['seconds_finetune']}, sampling {fmt['seconds_sampling']})",
     })
     md = (f"# dpldm demo report\n\nglyph-pretrained LDM -> DP fine-tuning of the attention modules on "

@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dpldm.cli import UserError, main
+from dpldm.cli import main
 from dpldm.config import load_config
+from dpldm.data.latents import ae_state_hash
+from dpldm.errors import InputError
 from dpldm.models.ldm import LatentDiffusion, load_ldm, save_ldm
-from dpldm.train.finetune import finetune
+from dpldm.parallel.dist import single_process_context
+from dpldm.train.dp_finetune import FinetuneOptions, train
+from dpldm.train.private_data import open_private_data
 
 TINY = [
     "autoencoder.base_channels=8", "autoencoder.channel_mult=[1, 2]", "autoencoder.latent_channels=2",
@@ -17,7 +21,7 @@ TINY = [
     "unet.num_heads=2", "unet.context_dim=16", "unet.num_classes=5", "data.image_size=16", "data.num_classes=3",
     "privacy.expected_batch_size=8", "privacy.steps=2", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3",
     "privacy.physical_batch_size=3", "privacy.backend=\"torch\"", "train.finetune=\"attention:all\"", "train.lr=1e-3", "train.wandb=false",
-    "train.threads=1", "train.log_every=1", "train.checkpoint_every=2", "train.deterministic=true",
+    "train.threads=1", "train.log_every=1", "train.checkpoint_every=2", "train.deterministic=true", "train.not_private=true",
     "diffusion.timesteps_per_example=2",
 ]
 
@@ -36,11 +40,14 @@ def test_finetune_from_encoded_latent_shards(tmp_path, capsys):
     capsys.readouterr()
 
     # the latents the DP engine sees are those fine-tuning would compute from the images itself
-    from dpldm.train.finetune import load_private_latents
-
     ldm = load_ldm(public)
-    direct = load_private_latents(cfg, ldm, str(tmp_path / "private.npz"), None).dataset
-    cached = load_private_latents(cfg, ldm, str(tmp_path / "z"), None).dataset
+    ctx, h = single_process_context(), ae_state_hash(ldm.ae.state_dict())
+
+    def private(spec):
+        c = load_config(None, TINY + [f"data.private={json.dumps(spec)}"])
+        return open_private_data(c, ctx, ae=ldm.ae, ae_sha256=h).dataset
+
+    direct, cached = private(str(tmp_path / "private.npz")), private(str(tmp_path / "z"))
     idx = torch.arange(40)
     (xd, yd), (xc, yc) = direct.get_batch(idx), cached.get_batch(idx)
     torch.testing.assert_close(xc, xd, rtol=1e-4, atol=1e-5)  # oneDNN convs: last-bit differences
@@ -48,12 +55,12 @@ def test_finetune_from_encoded_latent_shards(tmp_path, capsys):
 
     c = load_config(None, TINY + [f"data.private={json.dumps(str(tmp_path / 'z'))}"])
     c.train.out_dir = str(tmp_path / "a")
-    res = finetune(c, tmp_path / "a", init=str(public))
+    res = train(c, FinetuneOptions(out=tmp_path / "a", init=str(public)))
     assert res["finished"] and res["privacy"]["steps"] == 2 and "latent shards" in capsys.readouterr().out
 
     other = LatentDiffusion(cfg, scale_factor=0.7)  # another autoencoder (fresh random weights)
     save_ldm(tmp_path / "other", other)
     c = load_config(None, TINY + [f"data.private={json.dumps(str(tmp_path / 'z'))}"])
     c.train.out_dir = str(tmp_path / "c")
-    with pytest.raises(UserError, match="encoded by autoencoder"):
-        finetune(c, tmp_path / "c", init=str(tmp_path / "other"))
+    with pytest.raises(InputError, match="encoded by autoencoder"):
+        train(c, FinetuneOptions(out=tmp_path / "c", init=str(tmp_path / "other")))
