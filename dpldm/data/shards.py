@@ -20,7 +20,7 @@ import webdataset as wds
 from dpldm.data.codec import SampleSpec, decode_sample, encode_sample, sample_key
 from dpldm.data.errors import OutputError, ShardError, SourceError
 from dpldm.data.manifest import (FORMAT_VERSION, INDEX, MANIFEST, PROGRESS, ShardFolder,
-                                 diagnose_tar, read_json, sha256_file, shard_name, wids_index, write_json)
+                                 diagnose_tar, sha256_file, shard_name, wids_index, write_json)
 from dpldm.data.outdir import check_output_folder, is_our_tmp, owned_names, writing
 from dpldm.data.sources import source_fingerprint, source_path, validate_source
 from dpldm.utils.io import atomic_path

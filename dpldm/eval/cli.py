@@ -5,7 +5,9 @@
     dpldm evaluate --full --device cuda --samples ... --real ... --real-test ...   # GPU, all samples
 
 PATH is an `.npz` with `images` (uint8 (N, H, W) or (N, H, W, C)) and, optionally, `labels`
-((N,) ints), or a folder of PNG files (labels from integer-named sub-folders: `3/img.png`).
+((N,) ints), or a folder of PNG files: labels from class sub-folders by the rule `dpldm data
+import` uses (dpldm.data.labels: integer names `3/img.png` -> label 3; other names sorted ->
+0..K-1; a mix refused), pixels as dpldm.data.images reads them (one mode or `--mode`, 16-bit scaled).
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", help="write the results to this JSON file (atomic)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--mode", default=None, choices=("L", "RGB", "RGBA"),
+                   help="PNG folders: convert every image to this mode (needed when modes differ; as "
+                        "`dpldm data import --mode`)")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -76,39 +81,43 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _load_png_folder(folder: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    from PIL import Image
+def _load_png_folder(folder: Path, mode: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """PNGs of a folder, read like `dpldm data import` reads an image folder (dpldm.data.images:
+    one mode unless `mode` is given, 16-bit scaled, sizes must agree) with labels by the same
+    rule (dpldm.data.labels): every image in a first-level subfolder -> labels from the subfolder
+    names (integer names -> int(name); other names sorted -> 0..K-1); a flat folder -> no labels."""
+    from dpldm.data.errors import DataError
+    from dpldm.data.images import ImageOptions, read_images
+    from dpldm.data.labels import class_labels
 
     files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     if not files:
         raise UserError(f"{folder}: no PNG files found")
-    images, shape = [], None
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L") if im.mode in ("1", "L", "I", "I;16", "P", "LA") else im.convert("RGB")
-                arr = np.asarray(im, dtype=np.uint8)
-        except Exception as e:  # noqa: BLE001 - any decode failure is bad input
-            raise UserError(f"{f}: cannot read image ({e})") from None
-        if shape is None:
-            shape = arr.shape
-        elif arr.shape != shape:
-            raise UserError(f"{f}: image shape {arr.shape} differs from the first image's {shape}")
-        images.append(arr)
     parents = [f.parent.relative_to(folder).parts for f in files]
-    labels = None
-    if all(len(p) >= 1 and p[0].isdigit() for p in parents):
-        labels = np.array([int(p[0]) for p in parents], dtype=np.int64)
-    return np.stack(images), labels
+    nested = [len(p) >= 1 for p in parents]
+    try:
+        labels = None
+        if any(nested) and not all(nested):
+            top, sub = files[nested.index(False)], files[nested.index(True)]
+            raise UserError(f"{folder}: PNGs both directly in the folder ({top.name}) and in class subfolders "
+                            f"({sub.relative_to(folder)}); put every image in its class subfolder, or none")
+        if all(nested):
+            rule = class_labels(sorted({p[0] for p in parents}), where=str(folder))
+            labels = np.array([rule.class_to_label[p[0]] for p in parents], dtype=np.int64)
+        images, _notes = read_images(files, ImageOptions(mode=mode))
+    except DataError as e:
+        raise UserError(str(e)) from None
+    return images, labels
 
 
-def load_images(path: str, what: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(images uint8, labels or None) from an .npz (`images`, `labels`) or a PNG folder."""
+def load_images(path: str, what: str, mode: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(images uint8, labels or None) from an .npz (`images`, `labels`) or a PNG folder
+    (`mode`: convert every PNG to L, RGB or RGBA, as `dpldm data import --mode`)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{what}: no such file or folder: {path}")
     if p.is_dir():
-        images, labels = _load_png_folder(p)
+        images, labels = _load_png_folder(p, mode)
     elif p.suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as z:
@@ -141,11 +150,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--real (the real training split) is needed for FID/KID; or pass --no-fid")
     if not compute_fid and not args.real_test:
         raise UserError("nothing to do: --no-fid and no --real-test")
-    samples, labels = load_images(args.samples, "--samples")
-    real = load_images(args.real, "--real")[0] if (compute_fid and args.real) else None
+    samples, labels = load_images(args.samples, "--samples", args.mode)
+    real = load_images(args.real, "--real", args.mode)[0] if (compute_fid and args.real) else None
     real_test = None
     if args.real_test:
-        test_images, test_labels = load_images(args.real_test, "--real-test")
+        test_images, test_labels = load_images(args.real_test, "--real-test", args.mode)
         if test_labels is None:
             raise UserError(f"--real-test ({args.real_test}): needs 'labels' for the downstream accuracy")
         if labels is None:

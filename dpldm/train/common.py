@@ -1,5 +1,8 @@
-"""Shared pieces of the non-private training commands: CLI options, config resolution,
-per-step seeds, optimizer/scheduler state in checkpoints, resume checks."""
+"""Shared pieces of the non-private training commands: CLI options (incl. `--device`), config
+resolution, per-step seeds, optimizer/scheduler state in checkpoints, resume checks.
+
+Per-step generators stay on the CPU on every device (the draws are moved to the device), so a run
+on a GPU draws the same batches and noises as on the CPU."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +16,7 @@ import torch
 from dpldm.checkpoint import list_step_checkpoints
 from dpldm.errors import UserError
 from dpldm.config import RunConfig, load_config
+from dpldm.utils.device import add_device_argument, resolve_device
 
 STREAMS = {"ae": 1, "ldm": 2, "sample": 3}
 # settings that only affect sampling, not training: they may change between a run and its resume
@@ -26,6 +30,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (overrides train.out_dir)")
     parser.add_argument("--no-wandb", action="store_true", help="turn wandb logging off")
     parser.add_argument("--resume", action="store_true", help="continue from the newest step checkpoint in the run folder")
+    add_device_argument(parser, default=None)  # None: the recipe's train.device (default auto)
+
+
+def run_device(args: argparse.Namespace, cfg: RunConfig) -> torch.device:
+    """`--device` when given, else the recipe's `train.device` (DeviceError when it does not exist here)."""
+    if getattr(args, "device", None):
+        return resolve_device(args.device, "--device")
+    return resolve_device(cfg.train.device, "train.device")
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -55,12 +67,13 @@ def warmup_scheduler(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.opt
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten an optimizer state_dict: tensors `opt.<param index>.<name>` + JSON-able param groups."""
+    """Flatten an optimizer state_dict: tensors `opt.<param index>.<name>` (on the CPU) + JSON-able
+    param groups. Loading moves the state back to the parameters' device."""
     sd = opt.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
-            tensors[f"opt.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{idx}.{name}"] = value.detach().cpu() if torch.is_tensor(value) else torch.tensor(value)
     return tensors, {"param_groups": sd["param_groups"]}
 
 

@@ -8,6 +8,12 @@ diffusion.timesteps_per_example) averaged over the batch, labels dropped to the 
 probability diffusion.cond_drop_prob (classifier-free guidance). AdamW with train.lr /
 train.batch_size / train.steps, global-norm clipping, EMA (train.ema_decay) of the UNet.
 Writes `<out>/model/` (kind "ldm": AE + UNet + EMA + config + scale_factor) and `<out>/samples.png`.
+
+`data.public` as a shard folder (dpldm.data.public): the images are streamed and each batch goes
+through the frozen encoder when it is drawn (the set is never held in memory); scale_factor comes
+from the folder's first SCALE_EXAMPLES images in stored order. The stream position is saved in
+every step checkpoint (resume continues with the same batches). `--device` (else `train.device`)
+holds the models, the data and the optimizer; the per-step generators stay on the CPU.
 """
 from __future__ import annotations
 
@@ -24,9 +30,12 @@ from dpldm.diffusion.loss import per_example_loss
 from dpldm.models.autoencoder import Autoencoder
 from dpldm.models.ldm import LatentDiffusion, load_autoencoder, save_ldm
 from dpldm.models.selection import count_parameters
+from dpldm.data.public import PublicMemory, PublicStream
 from dpldm.train.common import (add_common_arguments, check_resume_config, load_optimizer_tensors, optimizer_tensors,
-                                refuse_to_clobber, resolve_config, set_threads, step_generator, warmup_scheduler)
-from dpldm.train.pretrain_ae import load_public_images
+                                refuse_to_clobber, resolve_config, run_device, set_threads, step_generator,
+                                warmup_scheduler)
+from dpldm.train.pretrain_ae import describe_public, open_public_data
+from dpldm.utils.device import describe_device
 from dpldm.utils.grid import save_image_grid
 from dpldm.utils.logging import RunLogger
 
@@ -38,23 +47,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--autoencoder", required=True, help="pretrained autoencoder: model folder or pretrain-ae run folder")
 
 
+SCALE_EXAMPLES = 10_000  # streamed public sets: images behind scale_factor
+
+
 @torch.no_grad()
 def encode_moments(ae: Autoencoder, x: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image: each (N, Z, h, w)."""
+    """Posterior mean and std of every image: each (N, Z, h, w), on the autoencoder's device."""
     ae.eval()
+    device = next(ae.parameters()).device
     means, stds = [], []
     for i in range(0, x.shape[0], batch):
-        post = ae.encode(x[i:i + batch])
+        post = ae.encode(x[i:i + batch].to(device))
         means.append(post.mean)
         stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
 
 
 def latent_scale_factor(mean: torch.Tensor, std: torch.Tensor, seed: int) -> float:
-    """1 / std of latents sampled once from the posteriors (LDM's scale_factor)."""
+    """1 / std of latents sampled once from the posteriors (LDM's scale_factor); noise drawn on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    z = mean + std * torch.randn(mean.shape, generator=g)  # (N, Z, h, w)
+    z = mean + std * torch.randn(mean.shape, generator=g).to(mean.device)  # (N, Z, h, w)
     return float(1.0 / z.flatten().std().item())
+
+
+class LatentBatches:
+    """Each step's (posterior mean, posterior std, labels) of the public set under the frozen AE:
+    in memory, every image encoded once and batches drawn by the step's generator; streamed,
+    each streamed batch encoded when drawn."""
+
+    def __init__(self, ae: Autoencoder, data: PublicMemory | PublicStream):
+        self.ae, self.data = ae.eval(), data
+        if isinstance(data, PublicMemory):
+            self.mean, self.std = encode_moments(ae, data.x)  # (N, Z, h, w) each
+
+    def scale_factor(self, seed: int) -> float:
+        if isinstance(self.data, PublicMemory):
+            return latent_scale_factor(self.mean, self.std, seed)
+        x = self.data.first_images(min(SCALE_EXAMPLES, self.data.num_examples))
+        return latent_scale_factor(*encode_moments(self.ae, x), seed)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        if isinstance(self.data, PublicMemory):
+            return tuple(self.mean.shape[1:])
+        f, s = self.ae.cfg.downsample_factor, self.data.folder.spec.shape[0]
+        return (self.ae.cfg.latent_channels, s // f, s // f)
+
+    @torch.no_grad()
+    def next(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(self.data, PublicMemory):
+            idx = self.data.indices(g)  # (B,)
+            return self.mean[idx], self.std[idx], self.data.y[idx]
+        x, y = self.data.next()  # (B, C, H, W)
+        post = self.ae.encode(x)
+        return post.mean, post.std, y
 
 
 def check_autoencoder_config(cfg: RunConfig, ae_cfg: RunConfig, where: str) -> None:
@@ -67,22 +113,24 @@ def check_autoencoder_config(cfg: RunConfig, ae_cfg: RunConfig, where: str) -> N
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     set_threads(cfg)
+    device = run_device(args, cfg)
     tc, dc = cfg.train, cfg.diffusion
     run_dir = Path(tc.out_dir)
     refuse_to_clobber(run_dir, args.resume)
     torch.manual_seed(tc.seed)
     ae, ae_cfg, ae_meta = load_autoencoder(args.autoencoder)
     check_autoencoder_config(cfg, ae_cfg, args.autoencoder)
-    ae.requires_grad_(False)
+    ae.requires_grad_(False).to(device)
 
-    x_all, y_all = load_public_images(cfg)
-    mean, std = encode_moments(ae, x_all)  # (N, Z, h, w) each
     found = load_latest_checkpoint(run_dir) if args.resume else None
-    scale = float(found[1]["scale_factor"]) if found else latent_scale_factor(mean, std, tc.seed)
+    data = open_public_data(cfg, tc.batch_size, device, found[1].get("public_stream") if found else None)
+    latents = LatentBatches(ae, data)
+    scale = float(found[1]["scale_factor"]) if found else latents.scale_factor(tc.seed)
 
     ldm = LatentDiffusion(cfg, scale_factor=scale)
     ldm.ae.load_state_dict(ae.state_dict())
     ldm.ae.requires_grad_(False).eval()
+    ldm.to(device)
     unet = ldm.unet
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = warmup_scheduler(opt, tc.warmup_steps)
@@ -101,11 +149,12 @@ def run(args: argparse.Namespace) -> int:
 
     total, trainable = count_parameters(unet)
     logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.steps, initial_step=start, job="pretrain-ldm")
-    logger.info(f"[pretrain-ldm] {x_all.shape[0]} public images -> latents {tuple(mean.shape[1:])}, "
+    logger.info(f"[pretrain-ldm] {describe_public(cfg, data)} -> latents {latents.latent_shape}, "
                 f"scale_factor {scale:.5f} (1/std of public latents); UNet parameters {total:,} (trainable "
                 f"{trainable:,}), {len(unet.attention_modules())} attention modules; steps {start}->{tc.steps}, "
                 f"batch {tc.batch_size}, K {dc.timesteps_per_example}, lr {tc.lr}, warmup {tc.warmup_steps}, "
-                f"cond_drop_prob {dc.cond_drop_prob}, ema_decay {tc.ema_decay}, threads {torch.get_num_threads()}")
+                f"cond_drop_prob {dc.cond_drop_prob}, ema_decay {tc.ema_decay}, device {describe_device(device)}, "
+                f"threads {torch.get_num_threads()}")
     t0 = time.time()
 
     def wall() -> float | None:
@@ -114,10 +163,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         for step in range(start, tc.steps):
             unet.train()
-            g = step_generator(tc.seed, step, "ldm")
-            idx = torch.randint(0, x_all.shape[0], (tc.batch_size,), generator=g)  # (B,)
-            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale  # (B, Z, h, w)
-            loss = per_example_loss(unet, z0, y_all[idx], ldm.schedule, dc.timesteps_per_example, generator=g,
+            g = step_generator(tc.seed, step, "ldm")  # CPU: batch (in memory), posterior noise, t, noise, drops
+            mean, std, y = latents.next(g)  # (B, Z, h, w), (B, Z, h, w), (B,)
+            z0 = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * scale  # (B, Z, h, w)
+            loss = per_example_loss(unet, z0, y, ldm.schedule, dc.timesteps_per_example, generator=g,
                                     cond_drop_prob=dc.cond_drop_prob).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -137,16 +186,17 @@ def run(args: argparse.Namespace) -> int:
                 save_step_checkpoint(run_dir, done, tensors,
                                      {"kind": KIND, "config": cfg.to_dict(), "optimizer": opt_meta,
                                       "scheduler": sched.state_dict(), "scale_factor": scale,
-                                      "last_stats": {"loss": last_loss}, "train_wall_s": wall()}, keep=tc.keep_checkpoints)
+                                      "last_stats": {"loss": last_loss}, "train_wall_s": wall(),
+                                      "public_stream": data.position}, keep=tc.keep_checkpoints)
         out = save_ldm(run_dir / "model", ldm, {"steps": tc.steps, "last_loss": last_loss,
                                                 "autoencoder": str(args.autoencoder),
                                                 "autoencoder_heldout_mse": ae_meta.get("heldout_mse"),
-                                                "train_wall_s": wall()})
+                                                "public": cfg.data.public, "train_wall_s": wall()})
         logger.info(f"[pretrain-ldm] model saved to {out}")
         classes = torch.arange(min(cfg.unet.num_classes, 36))
-        y = classes.repeat_interleave(4)  # one row of 4 per class
+        y = classes.repeat_interleave(4).to(device)  # one row of 4 per class
         images = ldm.sample(y, generator=torch.Generator().manual_seed(tc.seed))  # (4*K, C, H, W)
-        grid = save_image_grid(images, run_dir / "samples.png", nrow=4 * 6, upscale=2)
+        grid = save_image_grid(images.cpu(), run_dir / "samples.png", nrow=4 * 6, upscale=2)
         logger.info(f"[pretrain-ldm] EMA samples ({dc.sampler}, {dc.sample_steps} steps, guidance "
                     f"{dc.guidance_scale}) in {grid}")
     finally:
