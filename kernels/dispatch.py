@@ -1,4 +1,4 @@
-"""Backend discovery and selection for dpldm.kernels.
+"""Backend discovery for dpldm.kernels: which backend can run on which device, and why not.
 
 backend = "auto" | "torch" | "triton" | "cpp" | "cuda"
   torch   plain PyTorch reference (always available, any device)
@@ -7,17 +7,15 @@ backend = "auto" | "torch" | "triton" | "cpp" | "cuda"
   cpp     the C++/OpenMP extension dpldm._C (csrc/*.cpp): CPU tensors
   cuda    the CUDA extension dpldm._cuda (csrc/cuda/*.cu): CUDA tensors, built only where
           torch has CUDA
-  auto    on a CUDA tensor: triton, else cuda, else torch; on a CPU tensor: cpp, else torch.
-          Falling back to torch because an accelerated backend is missing is said once (a
-          RuntimeWarning naming the reason).
+  auto    chosen by kernels/registry.py (`select()`: the fixed rule, or a KernelSelector's
+          measurement); this module only answers "can backend X run here, and if not, why".
 Asking for a backend that cannot run on the tensor at hand raises BackendUnavailableError with
-the reason.
+the reason (raised by registry.select).
 """
 from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from functools import lru_cache
 
 import torch
@@ -98,42 +96,6 @@ def available_backends(device=None) -> tuple[str, ...]:
     dev = _device(device)
     order = ("triton", "cuda", "torch") if dev.type == "cuda" else ("cpp", "triton", "torch")
     return tuple(b for b in order if why_unavailable(b, dev) is None)
-
-
-_warned: set[str] = set()
-
-
-def _say_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
-
-def resolve_backend(backend: str, device=None) -> str:
-    """The concrete backend for `backend` on `device`; raises BackendUnavailableError (with the
-    reason) when an explicitly requested backend cannot run there."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    dev = _device(device)
-    if backend == "auto":
-        if dev.type == "cuda":
-            for b in ("triton", "cuda"):
-                if why_unavailable(b, dev) is None:
-                    return b
-            _say_once("cuda", "dpldm.kernels: neither Triton nor the CUDA extension is available for CUDA "
-                              f"tensors ({why_unavailable('triton', dev)}; {why_unavailable('cuda', dev)}); "
-                              "using the torch backend")
-            return "torch"
-        if dev.type == "cpu":
-            why = why_unavailable("cpp", dev)
-            if why is None:
-                return "cpp"
-            _say_once("cpu", f"dpldm.kernels: {why}; using the torch backend")
-        return "torch"
-    why = why_unavailable(backend, dev)
-    if why is not None:
-        raise BackendUnavailableError(f"kernel backend {backend!r} is unavailable: {why}")
-    return backend
 
 
 def backend_report() -> dict[str, str]:

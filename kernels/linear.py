@@ -23,7 +23,7 @@ import torch
 
 GHOST_BLOCK = 256  # rows of the T x T Gram tiles in the ghost reference (bounds its memory)
 FUSED_BLOCK = 64   # d_out rows per materialised slab in the torch "fused" reference
-METHODS = ("auto", "ghost", "fused", "materialize")
+METHODS = ("auto", "ghost", "fused", "materialize")  # = registry.METHODS
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,21 +63,10 @@ def _check_coef(coef: torch.Tensor, B: int, device: torch.device) -> None:
         raise ValueError(f"coef must be on {device}, got {coef.device}")
 
 
-def choose_method(T: int, d_in: int, d_out: int, backend: str = "torch") -> str:
-    """Norm method for a layer.
-
-    torch (the reference): ghost when its B*T^2 Gram memory is below materialising B*d_in*d_out
-    (design rule 2*T^2 < d_in*d_out), else "materialize". The other backends never materialise,
-    so they compare multiply-adds per example instead: their ghost kernels build only the upper
-    triangle of the two symmetric T x T Grams, T^2*(d_in+d_out)/2, the fused kernels T*d_in*d_out;
-    ghost when T*(d_in+d_out) < 2*d_in*d_out, else "fused" (this matches the CPU timings in
-    docs/benchmarks.md)."""
-    if backend in ("torch", "auto"):
-        return "ghost" if 2 * T * T < d_in * d_out else "materialize"
-    return "ghost" if T * (d_in + d_out) < 2 * d_in * d_out else "fused"
-
-
 def resolve_method(method: str, T: int, d_in: int, d_out: int, backend: str) -> str:
+    """The concrete method for `backend` ("auto": the fixed rule, registry.choose_method)."""
+    from .registry import choose_method
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
@@ -85,6 +74,35 @@ def resolve_method(method: str, T: int, d_in: int, d_out: int, backend: str) -> 
     if backend != "torch" and method == "materialize":
         return "fused"  # same numbers; the accelerated backends never write the per-example stack
     return method
+
+
+# ---- bf16 on CUDA: tensor-core GEMMs with fp32 outputs -------------------------------------------
+def tensor_cores(A: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """True where the torch reference feeds bf16 tiles to tensor cores (CUDA, bf16, no mask):
+    torch.bmm/mm(..., out_dtype=torch.float32) multiply bf16 inputs exactly and accumulate in
+    fp32, the same numbers as upcasting first, without the fp32 copies and at bf16 GEMM speed.
+    Elsewhere (CPU, fp16, masked rows) the inputs are upcast to fp32 first."""
+    return A.is_cuda and A.dtype == torch.bfloat16 and mask is None
+
+
+def _bmm32(a: torch.Tensor, b: torch.Tensor, tc: bool) -> torch.Tensor:
+    """fp32 (or fp64) batched product; bf16 inputs on tensor cores when `tc`."""
+    if tc:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    acc = acc_dtype(a.dtype)
+    return torch.bmm(a.to(acc), b.to(acc))
+
+
+def split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x -> (hi, lo) bf16 with hi + lo = x up to 2^-16 relative (hi = bf16(x), lo = bf16(x - hi)).
+
+    Used by the clipped sum on tensor cores: (c_i G_i) is formed in fp32 from the SAME bf16 G
+    the norm kernels read, then fed to two bf16 GEMMs (hi and lo) with fp32 accumulation, so
+    each example's clipped contribution is c_i * G_i^T A_i to ~1e-5 relative: its norm stays
+    <= C (up to that rounding) although c_i * G_i is not representable in bf16."""
+    hi = x.to(torch.bfloat16)
+    lo = (x - hi.to(x.dtype)).to(torch.bfloat16)
+    return hi, lo
 
 
 # ---- plain-PyTorch references ---------------------------------------------------------------
@@ -95,43 +113,57 @@ def per_example_sqnorm_linear_torch(A: torch.Tensor, G: torch.Tensor, *, bias: b
     B, T, d_in = A.shape
     d_out = G.shape[-1]
     acc = acc_dtype(A.dtype)
-    A, G = A.to(acc), G.to(acc)
+    tc = tensor_cores(A, mask)
+    if not tc:
+        A, G = A.to(acc), G.to(acc)
     if mask is not None:
         G = G * mask.to(acc).unsqueeze(-1)  # masked rows contribute nothing
     method = resolve_method(method, T, d_in, d_out, "torch")
+    out = torch.zeros(B, dtype=acc, device=A.device)
     if method == "ghost":
-        out = A.new_zeros(B)
         for s in range(0, T, GHOST_BLOCK):  # tiles of rows of the T x T Gram matrices
-            a_gram = torch.bmm(A[:, s:s + GHOST_BLOCK], A.transpose(1, 2))  # (B, tile, T)
-            g_gram = torch.bmm(G[:, s:s + GHOST_BLOCK], G.transpose(1, 2))  # (B, tile, T)
+            a_gram = _bmm32(A[:, s:s + GHOST_BLOCK], A.transpose(1, 2), tc)  # (B, tile, T)
+            g_gram = _bmm32(G[:, s:s + GHOST_BLOCK], G.transpose(1, 2), tc)  # (B, tile, T)
             out += (a_gram * g_gram).sum(dim=(1, 2))
     elif method == "materialize":
-        per_example = torch.bmm(G.transpose(1, 2), A)  # (B, d_out, d_in)
+        per_example = _bmm32(G.transpose(1, 2), A, tc)  # (B, d_out, d_in)
         out = per_example.pow(2).sum(dim=(1, 2))
     else:  # "fused" reference: the same sum, one (B, 64, d_in) slab of the stack at a time
-        out = A.new_zeros(B)
         for o in range(0, d_out, FUSED_BLOCK):
-            slab = torch.bmm(G[:, :, o:o + FUSED_BLOCK].transpose(1, 2), A)  # (B, tile, d_in)
+            slab = _bmm32(G[:, :, o:o + FUSED_BLOCK].transpose(1, 2), A, tc)  # (B, tile, d_in)
             out += slab.pow(2).sum(dim=(1, 2))
     if bias:
-        out = out + G.sum(dim=1).pow(2).sum(dim=1)  # (B, d_out) bias gradients
+        out = out + G.sum(dim=1, dtype=acc).pow(2).sum(dim=1)  # (B, d_out) bias gradients
     return out
 
 
 def clipped_sum_linear_torch(A: torch.Tensor, G: torch.Tensor, coef: torch.Tensor, *, bias: bool = False,
-                             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sum_i coef_i G_i^T A_i as (d_out, d_in), and sum_i coef_i sum_t G_it as (d_out,) if bias."""
+                             mask: torch.Tensor | None = None,
+                             split: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sum_i coef_i G_i^T A_i as (d_out, d_in), and sum_i coef_i sum_t G_it as (d_out,) if bias.
+
+    split (bf16 only; default: on tensor cores, see `tensor_cores`): c*G is formed in fp32 and fed
+    to the GEMM as bf16 hi + lo parts (`split_bf16`); otherwise A and G are upcast to fp32."""
     A, G, mask = normalize_inputs(A, G, mask)
     B, T, d_in = A.shape
     d_out = G.shape[-1]
     _check_coef(coef, B, A.device)
     acc = acc_dtype(A.dtype)
-    A, G = A.to(acc), G.to(acc)
+    tc = tensor_cores(A) if split is None else (split and A.dtype == torch.bfloat16)
     scale = coef.to(acc).view(B, 1, 1)
     if mask is not None:
         scale = scale * mask.to(acc).unsqueeze(-1)
-    Gc = G * scale  # (B, T, d_out)
-    weight = Gc.reshape(B * T, d_out).t() @ A.reshape(B * T, d_in)  # (d_out, d_in)
+    Gc = G.to(acc) * scale  # (B, T, d_out), fp32 from the same G the norms read
+    if tc:
+        hi, lo = split_bf16(Gc.reshape(B * T, d_out))  # (B*T, d_out) each
+        A2 = A.reshape(B * T, d_in)
+        if A.is_cuda:
+            weight = torch.mm(hi.t(), A2, out_dtype=torch.float32) + torch.mm(lo.t(), A2, out_dtype=torch.float32)
+        else:  # the same arithmetic on CPU (tests): exact bf16 products, fp32 accumulation
+            A2 = A2.to(acc)
+            weight = hi.t().to(acc) @ A2 + lo.t().to(acc) @ A2  # (d_out, d_in)
+    else:
+        weight = Gc.reshape(B * T, d_out).t() @ A.to(acc).reshape(B * T, d_in)  # (d_out, d_in)
     bias_sum = Gc.sum(dim=(0, 1)) if bias else None
     return weight, bias_sum
 

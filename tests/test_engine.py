@@ -324,6 +324,76 @@ def test_unsupported_trainable_layer_refused_at_setup():
         BookKeepingEngine(mha, 1.0)
 
 
+def test_embedding_max_norm_refused_trainable_or_frozen():
+    """max_norm renorms the looked-up rows in place during the forward: the weights would move with
+    the private batch outside the noised update (shown first, then refused)."""
+    emb = nn.Embedding(4, 3, max_norm=0.5)
+    with torch.no_grad():
+        emb.weight.mul_(10)
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([2]))
+    changed = (emb.weight.detach() != before).any(dim=1)
+    assert changed.tolist() == [False, False, True, False]  # the leak: exactly the row the batch used
+    model = nn.Sequential(nn.Embedding(4, 3, max_norm=1.0), nn.Linear(3, 1))
+    with pytest.raises(UnsupportedLayerError, match=r"embedding '0' \(trainable\) has max_norm=1.0"):
+        BookKeepingEngine(model, 1.0)
+    model[0].requires_grad_(False)
+    with pytest.raises(UnsupportedLayerError, match=r"embedding '0' \(frozen\) has max_norm"):
+        BookKeepingEngine(model, 1.0)
+    model[0].max_norm = None
+    BookKeepingEngine(model, 1.0)
+
+
+class _NormNet(nn.Module):
+    """A frozen statistics layer in front of a trainable head: (R, 3, *spatial) -> (R,)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.head(h.flatten(2).mean(dim=2)).squeeze(-1).pow(2)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d])
+def test_running_statistics_refused_in_train_mode_trainable_or_frozen(norm):
+    x = torch.randn(5, 3, 4) if norm is nn.BatchNorm1d else torch.randn(5, 3, 2, 2)
+    net = _NormNet(norm(3, track_running_stats=True, affine=True))
+    net.norm.requires_grad_(False)  # frozen: it still updates its buffers from the batch
+    with pytest.raises(UnsupportedLayerError, match=r"module 'norm' \(" + norm.__name__ + r"\).*running statistics"):
+        BookKeepingEngine(net, 1.0)
+    before = net.norm.running_mean.clone()
+    net(x)  # the leak the refusal prevents: a train-mode forward moves the buffers with the data
+    assert not torch.equal(net.norm.running_mean, before)
+    net.eval()  # stored statistics: nothing is updated, accepted
+    eng = BookKeepingEngine(net, 1.0)
+    frozen = net.norm.running_mean.clone()
+    assert eng.clipped_sums(lambda m, b: m(b), x).num_examples == 5
+    assert torch.equal(net.norm.running_mean, frozen)
+    net.train()  # back in train mode after set-up: refused at the next chunk, before any forward
+    with pytest.raises(UnsupportedLayerError, match="running statistics.*when computing clipped sums"):
+        eng.clipped_sums(lambda m, b: m(b), x)
+    assert torch.equal(net.norm.running_mean, frozen)
+    net.norm.requires_grad_(True)  # trainable affine parameters of a BatchNorm: no rule either way
+    net.eval()
+    with pytest.raises(UnsupportedLayerError, match="no per-example clipping rule"):
+        BookKeepingEngine(net, 1.0)
+
+
+def test_batchnorm_with_batch_statistics_refused():
+    """Without running stats a BatchNorm normalises with the batch's statistics in any mode: each
+    example's gradient depends on the others."""
+    bn = nn.BatchNorm1d(3, track_running_stats=False, affine=False)
+    model = nn.Sequential(bn, nn.Linear(3, 1))
+    model.eval()
+    with pytest.raises(UnsupportedLayerError, match="batch statistics"):
+        BookKeepingEngine(model, 1.0)
+    inst = nn.Sequential(nn.InstanceNorm1d(3), nn.Flatten(), nn.Linear(6, 1))  # per example: fine
+    BookKeepingEngine(inst, 1.0)
+
+
 def test_shared_parameter_and_functional_use_refused():
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     b.weight = a.weight

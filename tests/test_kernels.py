@@ -156,6 +156,10 @@ def test_cuda_backend_on_cpu_tensor_is_a_clear_error():
 
 
 def test_missing_extension_falls_back_once(monkeypatch):
+    """auto on CPU wants the C++ fused norm for a long sequence; without the extension the torch
+    backend serves it and the fallback is said once, with the reason."""
+    from dpldm.kernels import registry
+
     real = dispatch._import
 
     def fake(name):
@@ -164,8 +168,8 @@ def test_missing_extension_falls_back_once(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(dispatch, "_import", fake)
-    monkeypatch.setattr(dispatch, "_warned", set())
-    A, G, mask, coef = make(3, 5, 24, 40, masked=True)
+    monkeypatch.setattr(registry, "_warned", set())
+    A, G, mask, coef = make(3, 40, 24, 40, masked=True)  # 2*T^2 >= d_in*d_out: the fused/materialised norm
     assert K.available_backends("cpu") == ("torch",)
     with pytest.warns(RuntimeWarning, match="not built.*using the torch backend"):
         out = K.per_example_sqnorm_linear(A, G, mask=mask)
@@ -175,6 +179,7 @@ def test_missing_extension_falls_back_once(monkeypatch):
         K.clipped_sum_linear(A, G, coef, mask=mask)
     torch.testing.assert_close(out, out2)
     torch.testing.assert_close(out, K.per_example_sqnorm_linear_torch(A, G, mask=mask))
+    assert rel(out, K.per_example_sqnorm_linear_loop(A, G, mask=mask)) < 1e-5
     with pytest.raises(K.BackendUnavailableError, match="dpldm._C is not built"):
         K.per_example_sqnorm_linear(A, G, backend="cpp")
     with pytest.raises(K.BackendUnavailableError, match="triton is not importable"):

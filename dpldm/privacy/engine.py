@@ -38,9 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dpldm.kernels import choose_method, resolve_backend
-from dpldm.privacy.layers import (Conv2dRule, LayerRule, LinearRule, RowMismatchError, UnsupportedLayerError,
-                                  rule_for)
+from dpldm.privacy.layers import LayerRule, RowMismatchError, UnsupportedLayerError, rule_for
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
            "RowMismatchError", "clipped_gradient_sum", "NORM_METHODS", "NONFINITE_RULES"]
@@ -73,10 +71,24 @@ class BookKeepingEngine:
     nn.ConvTranspose2d, a grouped or depthwise Conv2d) is refused here, at set-up, with an error
     naming it. `norm_method` applies to the Linear and Conv2d rules. A module called several
     times in one forward is handled (its calls are rows of the same example); one Parameter
-    shared between two modules is refused."""
+    shared between two modules is refused. Also refused at set-up (the statistics check again
+    at every chunk): an nn.Embedding with max_norm, trainable or frozen (renorms its weight rows in place from the
+    batch), and
+    any module, trainable or frozen, that updates running statistics from the batch in train
+    mode or normalises with batch statistics (BatchNorm/InstanceNorm; see _check_running_stats).
+
+    backend / norm_method "auto": with `selector` (a dpldm.kernels.selection.KernelSelector) each
+    distinct public layer shape is timed once and the fastest kernel kept; with selector=None a
+    fixed deterministic rule (kernels/registry.py). `kernels_used` names what ran per layer.
+
+    Mixed precision: run the forward of `per_example_loss_fn` under torch.autocast (bf16) with
+    fp32 parameters; the rules then record bf16 A and G (fp32 where the layer's input was fp32),
+    and the kernels accumulate the norms and clipped sums in fp32 from those same tensors, so
+    each example's clipped contribution has norm <= C up to fp32 rounding. Clipping factors,
+    accumulators and results are fp32 (fp64 for fp64 models)."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float, *, norm_method: str = "auto",
-                 backend: str = "auto", nonfinite: str = "raise") -> None:
+                 backend: str = "auto", nonfinite: str = "raise", selector=None) -> None:
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm (clip norm C) must be > 0, got {max_grad_norm!r}")
         if norm_method not in NORM_METHODS:
@@ -90,16 +102,32 @@ class BookKeepingEngine:
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.norm_method, self.backend, self.nonfinite = norm_method, backend, nonfinite
+        if selector is not None and not callable(getattr(selector, "choose", None)):
+            raise TypeError(f"selector must be a dpldm.kernels.selection.KernelSelector (or None), got "
+                            f"{type(selector).__name__}")
+        self.selector = selector  # KernelSelector: "auto" measured per public layer shape; None: the fixed rule
         self.rules: list[LayerRule] = []
         self.param_names: dict[int, str] = {}  # id(param) -> name
+        self._stat_modules: list[tuple[str, nn.Module]] = []  # modules that may update running stats
         self._build()
         self.methods: dict[str, str] = {}  # layer name -> norm method used in the last chunk
+        self.kernels_used: dict[str, dict[str, str]] = {}  # layer name -> {op: implementation} (last chunk)
         self.total_dropped = 0  # private: never log
 
     # -- set-up ------------------------------------------------------------------------------
     def _build(self) -> None:
         names = {id(p): n for n, p in self.model.named_parameters()}
         owner: dict[int, str] = {}
+        self._stat_modules = [(n, m) for n, m in self.model.named_modules()
+                              if isinstance(m, nn.modules.batchnorm._NormBase)]
+        self._check_running_stats("at engine set-up")
+        for mname, module in self.model.named_modules():
+            if isinstance(module, nn.Embedding) and module.max_norm is not None:
+                state = "trainable" if module.weight.requires_grad else "frozen"
+                raise UnsupportedLayerError(
+                    f"embedding '{mname or '<root>'}' ({state}) has max_norm={module.max_norm}: its forward renormalises "
+                    "the weight rows the batch looks up, in place, so the weights would change with the private "
+                    "batch outside the clipped, noised update (a privacy leak); construct it with max_norm=None")
         for mname, module in self.model.named_modules():
             own = [(attr, p) for attr, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -126,6 +154,26 @@ class BookKeepingEngine:
         if not self.rules:
             raise ValueError("the model has no trainable parameters: nothing to clip")
         self.param_names = {id(p): names[id(p)] for r in self.rules for p in r.trainable.values()}
+
+    def _check_running_stats(self, when: str) -> None:
+        """Refuse, trainable or frozen: (1) modules that update running statistics from the batch
+        in train mode (BatchNorm/InstanceNorm with track_running_stats=True): those buffers would
+        carry private data out of the step without clipping or noise; (2) BatchNorm normalising
+        with batch statistics (train mode, or no running stats at all): each example's output,
+        hence its gradient, would depend on the other examples, so clipping per example would not
+        bound one example's influence."""
+        for n, m in self._stat_modules:
+            where = f"module '{n or '<root>'}' ({type(m).__name__})"
+            if m.training and m.track_running_stats:
+                raise UnsupportedLayerError(
+                    f"{where} updates its running statistics from the batch in train mode ({when}); under DP "
+                    "those buffers would carry private data out without noise. Put it in eval mode "
+                    "(module.eval(): it then uses the stored statistics) or replace it by GroupNorm/LayerNorm")
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+                raise UnsupportedLayerError(
+                    f"{where} normalises with batch statistics ({when}): each example's gradient would depend on "
+                    "the other examples of the batch, which per-example clipping cannot bound. Use stored running "
+                    "statistics in eval mode, or GroupNorm/LayerNorm")
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -162,6 +210,7 @@ class BookKeepingEngine:
         params = self.trainable
         acc = acc_dtype or _acc_dtype(params.values())
         at = f" ({where})" if where else ""
+        self._check_running_stats(f"when computing clipped sums{at}")
         stash = {n: p.grad for n, p in params.items()}
         for p in params.values():
             p.grad = None
@@ -218,10 +267,10 @@ class BookKeepingEngine:
     def _clip_and_sum(self, params, B, finite, acc, at, out=None) -> ChunkResult:
         sq = torch.zeros(B, dtype=torch.float64 if acc == torch.float64 else torch.float32,
                          device=next(iter(params.values())).device)
-        self.methods = {}
+        self.methods, self.kernels_used = {}, {}
         for rule in self.rules:
-            method = self._method(rule, B)
-            s = rule.sqnorm(B, method=method, backend=self.backend)
+            rule.used = {}
+            s = rule.sqnorm(B, method=self.norm_method, backend=self.backend, selector=self.selector)
             if s is not None:
                 sq = sq + s.to(sq.dtype)
         keep = finite & torch.isfinite(sq)
@@ -238,32 +287,16 @@ class BookKeepingEngine:
         by_id = {id(p): n for n, p in params.items()}
         sums = self._zeros(params, acc, out)
         for rule in self.rules:
-            for attr, s in rule.clipped_sums(coef, keep_rows, backend=self.backend).items():
+            for attr, s in rule.clipped_sums(coef, keep_rows, backend=self.backend, selector=self.selector).items():
                 if s is not None:
                     sums[by_id[id(rule.trainable[attr])]] += s.to(acc)
+            if rule.used:
+                self.kernels_used[rule.name] = dict(rule.used)
+                if "linear_sqnorm" in rule.used:
+                    self.methods[rule.name] = rule.used["linear_sqnorm"].split("/")[1]
             rule.reset()  # free A and G as soon as the layer is done
         self.total_dropped += n_drop
         return ChunkResult(sums, B, n_drop)
-
-    def _method(self, rule: LayerRule, B: int) -> str:
-        if not isinstance(rule, (LinearRule, Conv2dRule)):
-            return "auto"
-        if self.norm_method != "auto":
-            self.methods[rule.name] = self.norm_method
-            return self.norm_method
-        calls = rule.done_calls()
-        if calls and B:  # record what the kernels' "auto" picks (for reports; the kernels decide)
-            if isinstance(rule, Conv2dRule):  # the Linear view: T' = K*L*calls rows, d_in = C_in*kh*kw
-                T, d_in, d_out = rule.dims(B)
-            else:  # T' = rows per example over all calls: (B*K, T, d) counts as K*T rows
-                T = sum(c.a.numel() // c.a.shape[-1] for c in calls) // B
-                d_in, d_out = rule.module.in_features, rule.module.out_features
-            try:
-                backend = resolve_backend(self.backend, calls[0].a.device)
-                self.methods[rule.name] = choose_method(max(T, 1), d_in, d_out, backend)
-            except TypeError:  # kernels without the backend argument
-                self.methods[rule.name] = choose_method(max(T, 1), d_in, d_out)
-        return "auto"
 
 
 def _acc_dtype(params) -> torch.dtype:
@@ -273,9 +306,10 @@ def _acc_dtype(params) -> torch.dtype:
 
 def clipped_gradient_sum(model: nn.Module, per_example_loss_fn: PerExampleLossFn, batch: Any,
                          max_grad_norm: float, *, norm_method: str = "auto", backend: str = "auto",
-                         nonfinite: str = "raise") -> dict[str, torch.Tensor]:
+                         nonfinite: str = "raise", selector=None) -> dict[str, torch.Tensor]:
     """Noise-free sum over the examples of `batch` of their clipped gradients, for every
     trainable parameter of `model`, by parameter name. `per_example_loss_fn(model, batch)`
     returns (B,); B = 0 gives zeros. Does not modify `param.grad`."""
-    engine = BookKeepingEngine(model, max_grad_norm, norm_method=norm_method, backend=backend, nonfinite=nonfinite)
+    engine = BookKeepingEngine(model, max_grad_norm, norm_method=norm_method, backend=backend, nonfinite=nonfinite,
+                               selector=selector)
     return engine.clipped_sums(per_example_loss_fn, batch).sums

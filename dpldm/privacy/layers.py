@@ -70,6 +70,24 @@ def regroup(t: torch.Tensor, B: int, where: str, keep_last: bool = True) -> torc
     return t.reshape(B, -1)
 
 
+def _same_dtype(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in their promoted dtype (never rounds either): under bf16 autocast a layer whose input
+    is fp32 gets bf16 output grads, so A stays fp32 and G is upcast exactly. The norm and the
+    clipped sum then read the very same tensors."""
+    dt = torch.promote_types(a.dtype, g.dtype)
+    return a.to(dt), g.to(dt)
+
+
+def _bias_sqnorm(G: torch.Tensor) -> torch.Tensor:  # G (B, T, d_out) -> (B,), fp32 for fp16/bf16
+    acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+    return G.sum(dim=1, dtype=acc).pow(2).sum(dim=1)
+
+
+def _bias_sum(G: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:  # sum_i coef_i sum_t G_it -> (d_out,)
+    acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+    return coef.to(acc) @ G.sum(dim=1, dtype=acc)
+
+
 def _cat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)
 
@@ -99,10 +117,30 @@ class _LinearFn(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+_PROBE_CACHE: dict[tuple, torch.dtype] = {}
+
+
+def autocast_input_dtype(op: str, x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run `op` (layer_norm | group_norm) in for input `x`: the
+    Functions below call the native ops directly (to keep mean and rstd), which autocast does not
+    see, so they cast like F.layer_norm / F.group_norm would under the active autocast state
+    (CUDA runs both in fp32; CPU in the input dtype). Probed once per state on a 1-element input."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x.dtype
+    key = (op, dev, x.dtype, torch.get_autocast_dtype(dev))
+    if key not in _PROBE_CACHE:
+        probe = torch.zeros(1, 2, 1, dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            y = F.layer_norm(probe, (1,)) if op == "layer_norm" else F.group_norm(probe, 1)
+        _PROBE_CACHE[key] = y.dtype
+    return _PROBE_CACHE[key]
+
+
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, normalized_shape, eps, call):
-        x = x.contiguous()
+        x = x.to(autocast_input_dtype("layer_norm", x)).contiguous()
         y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
         ctx.normalized_shape, ctx.call = normalized_shape, call
@@ -123,7 +161,7 @@ class _LayerNormFn(torch.autograd.Function):
 class _GroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, call):  # x: (R, C, *spatial)
-        x = x.contiguous()
+        x = x.to(autocast_input_dtype("group_norm", x)).contiguous()
         R, C = x.shape[0], x.shape[1]
         hw = math.prod(x.shape[2:])
         y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, R, C, hw, num_groups, eps)
@@ -213,6 +251,7 @@ class LayerRule:
         self.trainable = {attr: p for attr, p in module.named_parameters(recurse=False) if p.requires_grad}
         self.calls: list[_Call] = []
         self._prep = None  # per-step cache filled by sqnorm(), used by clipped_sums()
+        self.used: dict[str, str] = {}  # op -> implementation used in the last chunk (e.g. "cpp/fused")
 
     @classmethod
     def check(cls, name: str, module: nn.Module) -> None:
@@ -237,13 +276,21 @@ class LayerRule:
     def done_calls(self) -> list[_Call]:
         return [c for c in self.calls if c.g is not None]
 
-    def sqnorm(self, B: int, *, method: str, backend: str) -> torch.Tensor | None:
-        """(B,) per-example squared norm of this layer's trainable gradient (None: no calls)."""
+    def sqnorm(self, B: int, *, method: str, backend: str, selector=None) -> torch.Tensor | None:
+        """(B,) per-example squared norm of this layer's trainable gradient (None: no calls).
+        The kernel comes from dpldm.kernels.select(backend, method, selector)."""
         raise NotImplementedError
 
-    def clipped_sums(self, coef: torch.Tensor, keep: torch.Tensor | None, *, backend: str) -> dict[str, torch.Tensor]:
+    def clipped_sums(self, coef: torch.Tensor, keep: torch.Tensor | None, *, backend: str,
+                     selector=None) -> dict[str, torch.Tensor]:
         """{attr: sum_i coef_i * grad_i(attr)}; `keep` (B,) bool zeroes dropped examples."""
         raise NotImplementedError
+
+    def _select(self, op: str, t: torch.Tensor, shape, backend: str, selector, method: str = "auto"):
+        impl, _ = kernels.select(op, t.device, t.dtype, backend=backend, method=method, shape=shape,
+                                 selector=selector)
+        self.used[op] = impl.name
+        return impl
 
 
 class LinearRule(LayerRule):
@@ -259,28 +306,32 @@ class LinearRule(LayerRule):
             return None
         A = _cat_rows([regroup(c.a, B, f"layer '{self.name}' (Linear) input") for c in calls])  # (B, T', d_in)
         G = _cat_rows([regroup(c.g, B, f"layer '{self.name}' (Linear) output grad") for c in calls])  # (B, T', d_out)
-        return A, G.to(A.dtype)
+        return _same_dtype(A, G)
 
-    def sqnorm(self, B, *, method, backend):
+    def sqnorm(self, B, *, method, backend, selector=None):
         self._prep = self._gather(B)
         if self._prep is None:
             return None
         A, G = self._prep
         has_b = "bias" in self.trainable
         if "weight" in self.trainable:
-            return kernels.per_example_sqnorm_linear(A, G, bias=has_b, method=method, backend=backend)
-        return G.sum(dim=1).pow(2).sum(dim=1)  # bias only: (B,)
+            shape = kernels.LinearShape(A.shape[1], A.shape[2], G.shape[2], has_b)
+            impl = self._select("linear_sqnorm", A, shape, backend, selector, method)
+            return kernels.per_example_sqnorm_linear(A, G, bias=has_b, impl=impl)
+        return _bias_sqnorm(G)
 
-    def clipped_sums(self, coef, keep, *, backend):
+    def clipped_sums(self, coef, keep, *, backend, selector=None):
         if self._prep is None:
             return {}
         A, G = self._prep
         A, G = _mask_rows(A, keep), _mask_rows(G, keep)
         has_b = "bias" in self.trainable
         if "weight" in self.trainable:
-            w, b = kernels.clipped_sum_linear(A, G, coef, bias=has_b, backend=backend)
+            shape = kernels.LinearShape(A.shape[1], A.shape[2], G.shape[2], has_b)
+            impl = self._select("linear_clipped_sum", A, shape, backend, selector)
+            w, b = kernels.clipped_sum_linear(A, G, coef, bias=has_b, impl=impl)
             return {"weight": w, "bias": b} if has_b else {"weight": w}
-        return {"bias": (G * coef.to(G.dtype).view(-1, 1, 1)).sum(dim=(0, 1))}
+        return {"bias": _bias_sum(G, coef)}
 
 
 class Conv2dRule(LayerRule):
@@ -343,32 +394,39 @@ class Conv2dRule(LayerRule):
         where = f"layer '{self.name}' (Conv2d) input"
         return _cat_rows([regroup(self._unfold(c.a.to(dtype)), B, where) for c in calls])
 
-    def sqnorm(self, B, *, method, backend):
+    def _dtype(self, calls) -> torch.dtype:
+        return torch.promote_types(calls[0].a.dtype, calls[0].g.dtype)
+
+    def sqnorm(self, B, *, method, backend, selector=None):
         calls = self.done_calls()
         if not calls:
             self._prep = None
             return None
         self._prep = calls  # the raw records: A is unfolded again for the sum (memory, see above)
-        dt = calls[0].a.dtype
+        dt = self._dtype(calls)
         G = self._grads(B, calls).to(dt)  # checks the rows before the (kh*kw times larger) unfold
         has_b = "bias" in self.trainable
         if "weight" not in self.trainable:
-            return G.sum(dim=1).pow(2).sum(dim=1)  # bias only: (B,)
+            return _bias_sqnorm(G)
         A = self._inputs(B, calls, dt)
-        return kernels.per_example_sqnorm_linear(A, G, bias=has_b, method=method, backend=backend)
+        shape = kernels.LinearShape(A.shape[1], A.shape[2], G.shape[2], has_b)
+        impl = self._select("linear_sqnorm", A, shape, backend, selector, method)
+        return kernels.per_example_sqnorm_linear(A, G, bias=has_b, impl=impl)
 
-    def clipped_sums(self, coef, keep, *, backend):
+    def clipped_sums(self, coef, keep, *, backend, selector=None):
         if self._prep is None:
             return {}
         calls = self._prep
-        dt = calls[0].a.dtype
+        dt = self._dtype(calls)
         B = coef.shape[0]
         G = _mask_rows(self._grads(B, calls).to(dt), keep)
         has_b = "bias" in self.trainable
         if "weight" not in self.trainable:
-            return {"bias": (G * coef.to(G.dtype).view(-1, 1, 1)).sum(dim=(0, 1))}
+            return {"bias": _bias_sum(G, coef)}
         A = _mask_rows(self._inputs(B, calls, dt), keep)
-        w, b = kernels.clipped_sum_linear(A, G, coef, bias=has_b, backend=backend)
+        shape = kernels.LinearShape(A.shape[1], A.shape[2], G.shape[2], has_b)
+        impl = self._select("linear_clipped_sum", A, shape, backend, selector)
+        w, b = kernels.clipped_sum_linear(A, G, coef, bias=has_b, impl=impl)
         w = w.reshape(self.module.weight.shape)
         return {"weight": w, "bias": b} if has_b else {"weight": w}
 
@@ -380,7 +438,7 @@ class _NormRuleBase(LayerRule):
     def _xhat_and_g(self, call: _Call, B: int):  # -> xhat (B, N, C), G (B, N, C)
         raise NotImplementedError
 
-    def sqnorm(self, B, *, method, backend):
+    def sqnorm(self, B, *, method, backend, selector=None):
         calls = self.done_calls()
         if not calls:
             self._prep = None
@@ -388,7 +446,10 @@ class _NormRuleBase(LayerRule):
         gw = gb = None
         for call in calls:
             xhat, G = self._xhat_and_g(call, B)
-            w_i, b_i = kernels.norm_affine_grads(xhat, G, backend=backend)  # (B, C), (B, C)
+            xhat, G = _same_dtype(xhat, G)
+            impl = self._select("norm_affine_grads", xhat, kernels.NormShape(xhat.shape[1], xhat.shape[2]), backend,
+                                selector)
+            w_i, b_i = kernels.norm_affine_grads(xhat, G, impl=impl)  # (B, C), (B, C) in fp32 (fp64 models: fp64)
             gw = w_i if gw is None else gw + w_i
             gb = b_i if gb is None else gb + b_i
         self._prep = (gw, gb)
@@ -399,7 +460,7 @@ class _NormRuleBase(LayerRule):
             out = out + gb.pow(2).sum(dim=1)
         return out
 
-    def clipped_sums(self, coef, keep, *, backend):
+    def clipped_sums(self, coef, keep, *, backend, selector=None):
         if self._prep is None:
             return {}
         out = {}
@@ -473,14 +534,15 @@ class EmbeddingRule(LayerRule):
             G = G.masked_fill((idx == pad).unsqueeze(-1), 0)
         return idx, G
 
-    def sqnorm(self, B, *, method, backend):
+    def sqnorm(self, B, *, method, backend, selector=None):
         self._prep = self._gather(B)
         if self._prep is None:
             return None
         idx, G = self._prep
+        self.used["embedding_sqnorm"] = kernels.select("embedding_sqnorm", G.device, G.dtype, backend=backend)[0].name
         return kernels.embedding_sqnorm(idx, G, backend=backend)
 
-    def clipped_sums(self, coef, keep, *, backend):
+    def clipped_sums(self, coef, keep, *, backend, selector=None):
         if self._prep is None:
             return {}
         idx, G = self._prep
