@@ -155,3 +155,135 @@ def test_cli_bad_input_exit_2(_cli):
     assert r.returncode == 2 and "1/N" in r.stderr
     r = _cli("--epsilon", "3", "--delta", "1e-5", "--sample-rate", "1.5", "--steps", "100")
     assert r.returncode == 2 and "sample rate" in r.stderr
+
+
+# -- bounds, progress and warnings (issue 13) -----------------------------------------------------
+
+@pytest.mark.parametrize("accountant,eps,q,steps", [("prv", 4.0, 0.05, 60), ("rdp", 8.0, 0.02, 300)])
+def test_calibration_is_opacus_search(accountant, eps, q, steps):
+    """The bounded search evaluates the same sigmas as Opacus' get_noise_multiplier: same result."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    lines = []
+    ours = calibrate_noise(eps, 1e-5, q, steps, accountant, progress=lines.append)
+    theirs = get_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps,
+                                  accountant=accountant, epsilon_tolerance=0.01)
+    assert ours == theirs
+    assert len(lines) >= 3 and all("calibrating sigma" in ln for ln in lines)  # one line per evaluation
+    assert f"sigma={ours:.6g}" in "".join(lines)
+
+
+def test_prv_grid_points_predicts_opacus_domain():
+    from opacus.accountants import PRVAccountant
+
+    from dpldm.privacy.accountant import prv_grid_points
+
+    for sigma, q, steps, delta in [(1.0, 0.01, 1000, 1e-5), (0.6, 0.04, 300, 1e-6), (2.0, 0.2, 50, 1e-3)]:
+        acc = PRVAccountant()
+        domain = acc._get_domain(prvs=[_prv(sigma, q)], num_self_compositions=[steps], eps_error=0.01,
+                                 delta_error=delta / 1000)
+        assert prv_grid_points([(sigma, q, steps)], delta) == pytest.approx(domain.size, abs=3)
+
+
+def _prv(sigma, q):
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    return PoissonSubsampledGaussianPRV(q, sigma)
+
+
+def test_prv_refuses_a_grid_past_the_limit_without_allocating():
+    """sigma=0.01 (issue 13: a 26 GiB allocation) and 1e9 steps: a clear error within seconds."""
+    import resource
+    import time
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(PrivacyParameterError, match=r"PRV accountant: sigma=0.01, q=0.01, 100 steps.*grid of 3.5\de\+09 points.*--accountant rdp"):
+        compute_epsilon(0.01, 0.01, 100, 1e-5, "prv")
+    with pytest.raises(PrivacyParameterError, match=r"1000000000 steps.*limit"):
+        compute_epsilon(1.0, 0.01, 10**9, 1e-5, "prv")
+    assert time.perf_counter() - t0 < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200_000  # KiB: nothing big allocated
+    # the limit is a parameter: a normal case passes at the default and fails below its own size
+    assert compute_epsilon(1.0, 0.04, 100, 1e-5, "prv") > 0
+    with pytest.raises(PrivacyParameterError, match="limit 1000,"):
+        compute_epsilon(1.0, 0.04, 100, 1e-5, "prv", max_points=1000)
+
+
+def test_rdp_accounts_what_prv_refuses_and_equals_opacus():
+    want = RDPAccountant()
+    want.history = [(1.0, 0.01, 10**9)]
+    assert compute_epsilon(1.0, 0.01, 10**9, 1e-5, "rdp") == pytest.approx(want.get_epsilon(delta=1e-5), rel=1e-12)
+
+
+def test_calibration_runaway_is_bounded():
+    """--epsilon 1000 (issue 13: hung): PRV stops at the grid limit; RDP calibrates, as Opacus."""
+    import time
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    t0 = time.perf_counter()
+    with pytest.raises(PrivacyParameterError, match=r"calibrating sigma for epsilon=1000 .* reached sigma=.*grid"):
+        calibrate_noise(1000, 1e-5, 0.04, 750, "prv")
+    assert time.perf_counter() - t0 < 60
+    sigma = calibrate_noise(1000, 1e-5, 0.04, 750, "rdp")
+    assert sigma == get_noise_multiplier(target_epsilon=1000, target_delta=1e-5, sample_rate=0.04, steps=750,
+                                         accountant="rdp", epsilon_tolerance=0.01)
+    with pytest.raises(PrivacyParameterError, match=r"gave up after .* \(time limit 1e-09 s\)"):
+        calibrate_noise(3, 1e-5, 0.04, 100, "rdp", time_limit=1e-9)
+
+
+def test_prv_numerical_failures_are_parameter_errors():
+    with pytest.raises(PrivacyParameterError, match=r"PRV accountant cannot evaluate .*delta=1e-300 .*Opacus: "):
+        compute_epsilon(0.5, 0.001, 1, 1e-300, "prv")
+    with pytest.raises(PrivacyParameterError, match="PRV accountant cannot evaluate"):
+        compute_epsilon(1000.0, 0.001, 1, 0.99, "prv")
+
+
+def test_prv_runs_without_the_optimal_order_warning():
+    """Opacus' PRV sizes its grid with RDP bounds, which warn at large sigma -- e.g. the first
+    sigma (20) of every calibration search: noise about a by-product, silenced (only it)."""
+    import warnings
+
+    sigma, q, steps, delta = 5.0, 0.04, 100, 1e-5
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        acc = PRVAccountant()
+        acc.history = [(sigma, q, steps)]
+        want = acc.get_epsilon(delta=delta)
+    assert any("Optimal order" in str(w.message) for w in theirs)  # Opacus' PRV emits it (domain sizing)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        got = compute_epsilon(sigma, q, steps, delta, "prv")
+        ledger = PrivacyLedger(noise_multiplier=sigma, max_grad_norm=1.0, plan=PoissonPlan(1000, q, 0),
+                               delta=delta, accountant="prv")
+        for _ in range(3):
+            ledger.step()
+        ledger.epsilon_spent()
+        calibrate_noise(4.0, delta, q, 60, "prv")
+        warnings.warn("another warning", UserWarning)  # only the optimal-order one is silenced
+    assert got == want
+    assert [str(w.message) for w in ours] == ["another warning"]
+
+
+def test_ledger_epsilon_spent_is_bounded():
+    ledger = PrivacyLedger(noise_multiplier=0.05, max_grad_norm=1.0, plan=PoissonPlan(1000, 0.5, 0), delta=1e-5,
+                           accountant="prv")
+    for _ in range(50):
+        ledger.step()
+    with pytest.raises(PrivacyParameterError, match="grid of"):
+        ledger.epsilon_spent()
+
+
+def test_cli_bounds_and_note(_cli):
+    r = _cli("--noise-multiplier", "0.01", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "grid of" in r.stderr
+    r = _cli("--noise-multiplier", "0.01", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100",
+             "--accountant", "rdp", "--json")
+    assert r.returncode == 0
+    want = RDPAccountant()
+    want.history = [(0.01, 0.01, 100)]
+    assert json.loads(r.stdout)["epsilon"] == pytest.approx(want.get_epsilon(delta=1e-5), rel=1e-12)
+    assert r.stderr.count("\n") == 1 and "note: the RDP optimal order is the smallest alpha" in r.stderr
+    r = _cli("--epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.04", "--steps", "100", "--time-limit", "0")
+    assert r.returncode == 2 and "--time-limit" in r.stderr

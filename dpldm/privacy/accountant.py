@@ -10,21 +10,44 @@ are a different mechanism; the ledger only accepts a PoissonPlan.
 and the accountant history. Its `state_dict()` is plain JSON and goes into every checkpoint's
 meta.json; `PrivacyLedger.from_state_dict` on resume restores the exact history, so a resumed
 run neither re-spends nor forgets privacy, and continues the same Poisson plan.
+
+Bounds (so no accounting runs away in memory or time):
+- The PRV accountant discretises the privacy loss on a grid whose size Opacus derives from
+  (sigma, q, steps, delta): tiny sigma or very many steps need billions of points (26 GiB for
+  sigma=0.01, q=0.01, 100 steps). `prv_grid_points` predicts the size cheaply (RDP bounds only);
+  past `PRV_MAX_POINTS` (2**24 points: about 3 GiB peak and 12 s per evaluation on 2 CPU cores)
+  the call raises `PrivacyParameterError` instead of allocating. The RDP accountant's cost does
+  not depend on sigma or steps and has no such limit.
+- `calibrate_noise` runs Opacus' own search (the same sigma sequence as
+  `opacus.accountants.utils.get_noise_multiplier`, so the same result) with a wall-clock limit
+  (`DEFAULT_TIME_LIMIT_S`), an iteration cap, the grid check before every evaluation, and an
+  optional `progress` callback (one line per evaluation).
+- Opacus' "Optimal order is the largest/smallest alpha" RDP warning is silenced inside PRV
+  computations, where it comes only from sizing the grid and says nothing about the result. RDP
+  accounting keeps it (there it is about the result: the bound may be loose).
 """
 from __future__ import annotations
 
 from dpldm.errors import InputError
 
+import contextlib
 import math
-from typing import Any
+import time
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from dpldm.privacy.sampler import PoissonPlan
 
 ACCOUNTANTS = ("prv", "rdp")
 LEDGER_VERSION = 1
+PRV_MAX_POINTS = 2 ** 24  # grid points of one PRV evaluation (~180 bytes and ~0.7 us per point measured)
+PRV_EPS_ERROR = 0.01  # Opacus' default eps_error of PRVAccountant.get_epsilon
+DEFAULT_TIME_LIMIT_S = 300.0  # calibrate_noise gives up past this (checked between evaluations)
+MAX_SEARCH_ITERATIONS = 200  # Opacus' bisection never needs more than ~60; guards against a non-converging search
+MAX_SIGMA = 1e6  # as opacus.accountants.utils.MAX_SIGMA
+_OPTIMAL_ORDER = r"Optimal order is the (largest|smallest) alpha"
 
 
 class PrivacyParameterError(InputError, ValueError):
@@ -83,30 +106,138 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-# -- one-shot functions ----------------------------------------------------------------------------
+# -- bounds ----------------------------------------------------------------------------------------
 
-def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                    accountant: str = "prv") -> float:
-    """Epsilon spent after `steps` Poisson-subsampled Gaussian steps (Opacus' accountant)."""
-    sigma, q = check_noise_multiplier(noise_multiplier), check_sample_rate(sample_rate)
-    steps, delta = check_steps(steps), check_delta(delta)
-    acc = create_accountant(mechanism=check_accountant(accountant))
-    acc.history = [(sigma, q, steps)]
+@contextlib.contextmanager
+def quiet_optimal_order() -> Iterator[None]:
+    """Silence Opacus' "Optimal order is the largest/smallest alpha" UserWarning (and nothing else)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_OPTIMAL_ORDER, category=UserWarning)
+        yield
+
+
+def prv_grid_points(history: Sequence[tuple[float, float, int]], delta: float,
+                    eps_error: float = PRV_EPS_ERROR) -> float:
+    """Points of the grid Opacus' PRVAccountant.get_epsilon(delta) will allocate for `history`
+    [(sigma, q, steps), ...] (its `_get_domain`: 2L / mesh), computed from RDP bounds only (cheap).
+    A float: it can exceed any integer size worth allocating."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    delta_error = delta / 1000  # PRVAccountant.get_epsilon's default
+    total = sum(int(n) for _, _, n in history)
+    with quiet_optimal_order():
+        L = compute_safe_domain_size([PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history],
+                                     [int(n) for _, _, n in history], eps_error, delta_error)
+    mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
+    return 2 * L / mesh + 2
+
+
+def check_prv_size(history: Sequence[tuple[float, float, int]], delta: float, max_points: int | None = None,
+                   what: str | None = None) -> float:
+    """Raise PrivacyParameterError when the PRV grid for `history` exceeds `max_points`."""
+    limit = PRV_MAX_POINTS if max_points is None else max_points
+    points = prv_grid_points(history, delta)
+    if points > limit:
+        what = what or _describe(history, delta)
+        raise PrivacyParameterError(
+            f"PRV accountant: {what} needs a grid of {points:.3g} points (limit {int(limit)}, about "
+            f"{points * 180 / 2**30:.3g} GiB): too little noise or too many steps for the PRV accountant; "
+            "use the RDP accountant (--accountant rdp), more noise or fewer steps")
+    return points
+
+
+def _describe(history: Sequence[tuple[float, float, int]], delta: float) -> str:
+    if len(history) == 1:
+        s, q, n = history[0]
+        return f"sigma={s:g}, q={q:g}, {n} steps, delta={delta:g}"
+    return f"{len(history)} segments (last sigma={history[-1][0]:g}, q={history[-1][1]:g}), delta={delta:g}"
+
+
+def _prv_epsilon(acc, delta: float, max_points: int | None, checked: bool = False) -> float:
+    """Opacus' PRV epsilon, after the grid check; its numerical failures become one clear error."""
+    if not checked:
+        check_prv_size(acc.history, delta, max_points)
+    try:
+        with quiet_optimal_order():
+            return float(acc.get_epsilon(delta=delta))
+    except (ValueError, RuntimeError, FloatingPointError, OverflowError, MemoryError) as e:
+        raise PrivacyParameterError(
+            f"PRV accountant cannot evaluate {_describe(acc.history, delta)} (Opacus: {e}); "
+            "use the RDP accountant (--accountant rdp)") from None
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str,
+             max_points: int | None, checked: bool = False) -> float:
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    if accountant == "prv":
+        return _prv_epsilon(acc, delta, max_points, checked)
     return float(acc.get_epsilon(delta=delta))
 
 
+# -- one-shot functions ----------------------------------------------------------------------------
+
+def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                    accountant: str = "prv", *, max_points: int | None = None) -> float:
+    """Epsilon spent after `steps` Poisson-subsampled Gaussian steps (Opacus' accountant).
+    PRV: PrivacyParameterError when its grid would exceed `max_points` (default PRV_MAX_POINTS)."""
+    sigma, q = check_noise_multiplier(noise_multiplier), check_sample_rate(sample_rate)
+    steps, delta = check_steps(steps), check_delta(delta)
+    return _epsilon([(sigma, q, steps)], delta, check_accountant(accountant), max_points)
+
+
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
-                    *, epsilon_tolerance: float = 0.01) -> float:
-    """The noise multiplier sigma for which `steps` steps at rate q spend at most (epsilon, delta)
-    (Opacus' get_noise_multiplier: binary search, result within `epsilon_tolerance` below target)."""
+                    *, epsilon_tolerance: float = 0.01, time_limit: float | None = None,
+                    max_points: int | None = None, progress: Callable[[str], None] | None = None) -> float:
+    """The noise multiplier sigma for which `steps` steps at rate q spend at most (epsilon, delta).
+
+    The search of Opacus' `get_noise_multiplier` (double sigma from 20 until epsilon <= target,
+    then bisect until within `epsilon_tolerance` below target: the same evaluations, the same
+    result), bounded: PrivacyParameterError past `time_limit` seconds (default
+    DEFAULT_TIME_LIMIT_S, checked before each evaluation), past MAX_SEARCH_ITERATIONS, or when a
+    PRV evaluation would exceed `max_points`. `progress(line)` gets one line per evaluation."""
     epsilon, delta = check_epsilon(epsilon), check_delta(delta)
     q, steps, accountant = check_sample_rate(sample_rate), check_steps(steps), check_accountant(accountant)
-    try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps,
-                                          accountant=accountant, epsilon_tolerance=epsilon_tolerance))
-    except ValueError as e:  # opacus: "The privacy budget is too low."
-        raise PrivacyParameterError(f"cannot reach epsilon={epsilon:g} at delta={delta:g}, q={q:g}, "
-                                    f"steps={steps}: {e}") from None
+    limit = DEFAULT_TIME_LIMIT_S if time_limit is None else float(time_limit)
+    target = f"epsilon={epsilon:g} at delta={delta:g}, q={q:g}, steps={steps}"
+    t0 = time.perf_counter()
+    evals = 0
+
+    def eps_at(sigma: float, phase: str) -> float:
+        nonlocal evals
+        elapsed = time.perf_counter() - t0
+        if elapsed > limit:
+            raise PrivacyParameterError(f"calibrating sigma for {target}: gave up after {elapsed:.0f} s "
+                                        f"(time limit {limit:g} s) at sigma={sigma:.6g}, {phase}")
+        if evals >= MAX_SEARCH_ITERATIONS:
+            raise PrivacyParameterError(f"calibrating sigma for {target}: no convergence after {evals} "
+                                        f"evaluations (sigma={sigma:.6g}, {phase})")
+        history = [(sigma, q, steps)]
+        if accountant == "prv":
+            check_prv_size(history, delta, max_points,
+                           what=f"calibrating sigma for {target} reached sigma={sigma:.4g}, which")
+        evals += 1
+        eps = _epsilon(history, delta, accountant, max_points, checked=True)
+        if progress is not None:
+            progress(f"calibrating sigma ({accountant.upper()}): evaluation {evals}, sigma={sigma:.6g} -> "
+                     f"epsilon={eps:.6g} (target {epsilon:g}, {phase}, {time.perf_counter() - t0:.1f} s)")
+        return eps
+
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > epsilon:
+        sigma_high = 2 * sigma_high
+        eps_high = eps_at(sigma_high, "doubling")
+        if sigma_high > MAX_SIGMA:
+            raise PrivacyParameterError(f"cannot reach {target}: the privacy budget is too low "
+                                        f"(epsilon={eps_high:.4g} even at sigma={sigma_high:g})")
+    while epsilon - eps_high > epsilon_tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = eps_at(sigma, f"bisecting [{sigma_low:.6g}, {sigma_high:.6g}]")
+        if eps < epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
 
 
 # -- the ledger ------------------------------------------------------------------------------------
@@ -183,11 +314,15 @@ class PrivacyLedger:
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_done += 1
 
-    def epsilon_spent(self, delta: float | None = None) -> float:
-        """Epsilon spent so far at `delta` (default: the ledger's delta); 0.0 before any step."""
+    def epsilon_spent(self, delta: float | None = None, *, max_points: int | None = None) -> float:
+        """Epsilon spent so far at `delta` (default: the ledger's delta); 0.0 before any step.
+        PRV: PrivacyParameterError when its grid would exceed `max_points` (see check_prv_size)."""
         if self.steps_done == 0:
             return 0.0
-        return float(self.accountant.get_epsilon(delta=check_delta(self.delta if delta is None else delta)))
+        delta = check_delta(self.delta if delta is None else delta)
+        if self.accountant_name == "prv":
+            return _prv_epsilon(self.accountant, delta, max_points)
+        return float(self.accountant.get_epsilon(delta=delta))
 
     def epsilon_after(self, total_steps: int, delta: float | None = None) -> float:
         """Epsilon the run will have spent after `total_steps` steps at the ledger's sigma and q."""
