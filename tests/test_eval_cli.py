@@ -6,6 +6,8 @@ import pytest
 from PIL import Image
 
 from dpldm.cli import main as dpldm_main
+from dpldm.data.errors import SourceError
+from dpldm.errors import UserError
 from dpldm.eval.cli import load_images
 
 
@@ -61,8 +63,47 @@ def test_png_folder_with_class_subfolders(tmp_path):
     flat.mkdir()
     Image.fromarray(x[0]).save(flat / "a.png")
     Image.fromarray(np.stack([x[1]] * 3, -1)).save(flat / "b.png")  # RGB of another mode
-    with pytest.raises(Exception, match="differs"):
+    with pytest.raises(UserError, match=r"different modes \(.*a.png is greyscale, .*b.png is RGB\)"):
         load_images(str(flat), "--samples")
+    images, labels = load_images(str(flat), "--samples", mode="L")  # explicit: both converted to L
+    assert labels is None and images.shape == (2, 16, 16)
+    np.testing.assert_array_equal(images[0], x[0])
+    np.testing.assert_array_equal(images[1], x[1])  # grey stored as RGB: luma of (v, v, v) is v
+
+
+def test_png_folder_labels_follow_the_import_rule(tmp_path):
+    """The same folder gives the same (image, label) pairs to `evaluate` as to `data import`:
+    integer names are labels (10 stays 10, not 2 as text sorting would make it)."""
+    from dpldm.data.sources import load_source
+
+    rng = np.random.default_rng(3)
+    want = {}
+    for c in (2, 10, 1):
+        (tmp_path / "ints" / str(c)).mkdir(parents=True)
+        for j in range(2):
+            a = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(a).save(tmp_path / "ints" / str(c) / f"{j}.png")
+            want[a.tobytes()] = c
+    images, labels = load_images(str(tmp_path / "ints"), "--samples")
+    assert sorted(labels.tolist()) == [1, 1, 2, 2, 10, 10]
+    assert all(want[img.tobytes()] == lab for img, lab in zip(images, labels))
+    xi, yi, meta = load_source(str(tmp_path / "ints"), "train")
+    assert {a.tobytes(): int(b) for a, b in zip(xi, yi)} == {a.tobytes(): int(b) for a, b in zip(images, labels)}
+    assert meta["num_classes"] == 11 and meta["label_rule"] == "integer"
+    # non-integer names: sorted names -> 0..K-1, the same map as the import
+    for name in ("dog", "cat"):
+        (tmp_path / "names" / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), len(name) * 10 + ord(name[0]) % 7, np.uint8)).save(tmp_path / "names" / name / "a.png")
+    images, labels = load_images(str(tmp_path / "names"), "--samples")
+    _, yn, meta = load_source(str(tmp_path / "names"), "train")
+    assert meta["class_to_label"] == {"cat": 0, "dog": 1} and sorted(labels.tolist()) == sorted(yn.tolist()) == [0, 1]
+    # a mix of integer and other names is refused by both
+    (tmp_path / "ints" / "cat").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ints" / "cat" / "a.png")
+    with pytest.raises(UserError, match=r"mix integer names \('1'\) and other names \('cat'\)"):
+        load_images(str(tmp_path / "ints"), "--samples")
+    with pytest.raises(SourceError, match=r"mix integer names"):
+        load_source(str(tmp_path / "ints"), "train")
 
 
 @pytest.mark.parametrize("case,match", [

@@ -22,7 +22,7 @@ Sizes. Without `resize` all images must have one size (a mismatch is refused nam
 `resize=S` scales the shorter side to S with PIL's Lanczos filter (in float, per channel; RGBA
 premultiplied by alpha); `center_crop` then cuts the centred S x S square (without `resize`: the
 centred square of the shorter side). A non-square result without `center_crop` is refused.
-Every computation runs in float64 on 0..255 values and is rounded once at the end.
+Every computation runs in float64 on 0..255 values and is rounded once at the end (half up).
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def read_images(files: list[Path], options: ImageOptions | None = None) -> tuple
             x = _resize(x, new, premultiplied_alpha=(mode == "RGBA"))
         if opt.center_crop:
             x = _crop(x)
-        u = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        u = np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)  # round half up, once
         out[i] = u[..., 0] if mode == "L" else u
     kinds = sorted({_KIND_TEXT[_kind(h)] for h in headers})
     deep = any(h.mode in _GREY16 or h.mode == "I" for h in headers)
