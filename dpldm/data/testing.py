@@ -54,3 +54,23 @@ def plant_shard(folder: str | Path, k: int, samples: list[dict[str, Any]], reind
         write_json(folder / INDEX, idx)
         write_json(folder / MANIFEST, m)
     return path
+
+
+def mount_tmpfs(path: str | Path, size: str = "64k", readonly: bool = False) -> bool:
+    """Mount a small tmpfs at `path` (created) for tests of full or read-only file systems; False
+    where this process may not mount (not root, or no CAP_SYS_ADMIN). Undo with `unmount`."""
+    import shutil
+    import subprocess
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        return False
+    opts = f"size={size},mode=0777" + (",ro" if readonly else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def unmount(path: str | Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
