@@ -1,30 +1,68 @@
-"""`dpldm sample`: a PNG grid of samples from an LDM model folder, one row per class."""
+"""`dpldm sample`: samples from an LDM model folder, as a PNG grid or as a labelled data set.
+
+    dpldm sample --checkpoint RUN/model --classes 0,1,2 --per-class 8 --out grid.png        # grid (default)
+    dpldm sample --checkpoint RUN/model --per-class 500 --format npz --out samples.npz      # for dpldm evaluate
+    dpldm sample --checkpoint RUN/model --per-class 500 --format png-dir --out samples/     # CLASS/NNNNNN.png
+
+`npz` holds `images` (uint8 (N, H, W) for one channel, (N, H, W, C) otherwise), `labels` ((N,)
+int64) and `meta_json` (the sampling settings and the model's privacy report, as JSON text);
+`png-dir` holds one folder per class (`3/000017.png`) and `samples.json`. Both are exactly what
+`dpldm evaluate --samples` reads. Every output is written to a temporary name beside it and
+renamed into place when complete: an interrupted run leaves nothing half-written, and an existing
+output is only replaced with `--overwrite`.
+
+Noise: the initial latent of sample i is drawn from its own generator seeded by (--seed, i) on
+the CPU, so with DDIM at eta = 0 (the default) each sample is the same whatever --batch-size or
+--device; per-step noise (eta > 0, ddpm) comes from one generator per batch.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from dpldm.errors import UserError
-from dpldm.models.ldm import load_ldm
-from dpldm.utils.grid import save_image_grid
+from dpldm.utils.device import add_device_argument
+
+FORMATS = ("grid", "npz", "png-dir")
+DEFAULT_OUT = {"grid": "samples.png", "npz": "samples.npz", "png-dir": "samples"}
+DEFAULT_PER_CLASS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="LDM model folder (or a run folder with model/)")
-    parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated labels, e.g. 0,1,2")
-    parser.add_argument("--n", type=int, default=8, help="samples per class (one row per class)")
-    parser.add_argument("--out", default="samples.png", help="PNG file to write")
-    parser.add_argument("--steps", type=int, help="sampling steps (default diffusion.sample_steps)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (default diffusion.eta)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default diffusion.guidance_scale)")
+    parser.add_argument("--classes", default=None,
+                        help="comma-separated labels, e.g. 0,1,2 (default: the private classes 0..data.num_classes-1)")
+    parser.add_argument("--per-class", "--n", dest="per_class", type=int, default=None,
+                        help=f"samples per class (default {DEFAULT_PER_CLASS}; the grid has one row per class)")
+    parser.add_argument("--format", choices=FORMATS, default="grid",
+                        help="grid: one PNG; npz / png-dir: a labelled set for `dpldm evaluate --samples`")
+    parser.add_argument("--out", default=None, help="output file (grid, npz) or folder (png-dir); "
+                        f"default {', '.join(f'{v} ({k})' for k, v in DEFAULT_OUT.items())}")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--steps", type=int, help="DDIM steps, 1..diffusion.timesteps (default diffusion.sample_steps)")
+    parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default diffusion.eta)")
+    parser.add_argument("--guidance", type=float,
+                        help="classifier-free guidance scale >= 0; 1 = conditional only (default diffusion.guidance_scale)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), help="default diffusion.sampler")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (>= 0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per forward batch (default 64)")
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw UNet weights instead of the EMA")
-    parser.add_argument("--upscale", type=int, default=2, help="pixel magnification of the PNG")
+    parser.add_argument("--upscale", type=int, default=2, help="pixel magnification of the grid PNG")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    add_device_argument(parser)
 
+
+# -- validation (before the model is loaded) --------------------------------------------------------
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
     try:
@@ -36,25 +74,164 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise UserError(f"--classes: {bad} outside 0..{num_classes - 1} (the model has {num_classes} classes)")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"--classes: {text!r} names a class twice")
     return classes
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flag checks that need no model."""
+    for flag, value in (("--eta", args.eta), ("--guidance", args.guidance)):
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0 (0 = unconditional, 1 = conditional only), got {args.guidance:g}")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {args.eta:g}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.sampler == "ddpm" and args.eta is not None:
+        raise UserError("--eta applies to --sampler ddim only (ddpm draws the posterior variance)")
+    for flag, value, low in (("--per-class", args.per_class, 1), ("--batch-size", args.batch_size, 1),
+                             ("--seed", args.seed, 0), ("--upscale", args.upscale, 1), ("--threads", args.threads, 0)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+
+
+def check_out(args: argparse.Namespace) -> Path:
+    """The output path: the right kind (file or folder), not already there unless --overwrite."""
+    out = Path(args.out if args.out is not None else DEFAULT_OUT[args.format])
+    if args.format == "png-dir":
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: is a file, but --format png-dir writes a folder")
+    else:
+        if out.is_dir():
+            raise UserError(f"--out {out}: is a folder, but --format {args.format} writes a file")
+        if args.format == "npz" and out.suffix != ".npz":
+            raise UserError(f"--out {out}: --format npz needs a name ending in .npz (what dpldm evaluate reads)")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out}: already exists; pass --overwrite to replace it")
+    return out
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+def initial_noise(seed: int, first: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """x_T for samples first..first+count-1, each from its own CPU generator: (count, *shape)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed << 32) + i))
+                        for i in range(first, first + count)])
+
+
+@torch.no_grad()
+def generate(ldm, labels: torch.Tensor, *, steps: int, eta: float, guidance: float, sampler: str, seed: int,
+             batch_size: int, device: torch.device, use_ema: bool = True, log=None) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] (on the CPU) for labels (N,), in batches of `batch_size`."""
+    from dpldm.diffusion.sampling import ddim_sample, ddpm_sample
+
+    unet = ldm.sampling_unet(use_ema)
+    out = []
+    n = labels.shape[0]
+    for b, start in enumerate(range(0, n, batch_size)):
+        y = labels[start:start + batch_size].to(device)  # (B,)
+        shape = (y.shape[0], *ldm.latent_shape)
+        x_T = initial_noise(seed, start, y.shape[0], ldm.latent_shape).to(device)  # (B, Z, h, w)
+        g = torch.Generator().manual_seed((seed << 32) + (1 << 31) + b)  # per-step noise (eta > 0, ddpm)
+        if sampler == "ddim":
+            z = ddim_sample(unet, ldm.schedule, y, shape, steps, eta, guidance, x_T=x_T, generator=g)
+        else:
+            z = ddpm_sample(unet, ldm.schedule, y, shape, guidance, x_T=x_T, generator=g)
+        out.append(ldm.decode(z).float().cpu())  # (B, C, H, W)
+        if log is not None and n > batch_size:
+            log(f"sampled {min(start + batch_size, n)}/{n}")
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W) for C = 1, else (N, H, W, C): evaluate's layout."""
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    return u8[..., 0] if u8.shape[-1] == 1 else u8
+
+
+# -- writers (atomic) ------------------------------------------------------------------------------
+
+def write_npz(path: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
+    from dpldm.utils.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, images=images, labels=labels.astype(np.int64), meta_json=np.array(json.dumps(meta)))
+
+
+def write_png_dir(folder: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """CLASS/NNNNNN.png + samples.json, built in a hidden temporary folder and renamed into place."""
+    from PIL import Image
+
+    from dpldm.utils.io import fsync_dir
+
+    folder = folder.resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        for i, (img, y) in enumerate(zip(images, labels)):
+            (tmp / str(int(y))).mkdir(exist_ok=True)
+            Image.fromarray(img).save(tmp / str(int(y)) / f"{i:06d}.png", format="PNG")
+        (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+        old = None
+        if folder.exists():  # --overwrite (checked): move the old one aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
 def run(args: argparse.Namespace) -> int:
+    from dpldm.models.ldm import load_ldm
+    from dpldm.utils.device import describe_device, resolve_device
+    from dpldm.utils.grid import save_image_grid
+
+    check_args(args)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
     ldm = load_ldm(args.checkpoint)
-    classes = parse_classes(args.classes, ldm.cfg.unet.num_classes)
     d = ldm.cfg.diffusion
-    steps = args.steps or d.sample_steps
-    if not 1 <= steps <= d.timesteps:
-        raise UserError(f"--steps must lie in [1, {d.timesteps}], got {steps}")
-    y = torch.tensor(classes).repeat_interleave(args.n)  # (len(classes) * n,)
-    images = ldm.sample(y, steps=steps, eta=args.eta, guidance_scale=args.guidance, sampler=args.sampler,
-                        generator=torch.Generator().manual_seed(args.seed), use_ema=not args.no_ema)
-    out = save_image_grid(images, Path(args.out), nrow=args.n, upscale=args.upscale)
-    print(f"dpldm sample: {len(classes)} classes x {args.n} samples ({args.sampler or d.sampler}, {steps} steps, "
-          f"eta {d.eta if args.eta is None else args.eta}, guidance "
-          f"{d.guidance_scale if args.guidance is None else args.guidance}) -> {out}")
+    num_classes = ldm.cfg.unet.num_classes
+    classes = parse_classes(args.classes, num_classes) if args.classes is not None \
+        else list(range(min(ldm.cfg.data.num_classes, num_classes)))
+    sampler = args.sampler or d.sampler
+    steps = d.sample_steps if args.steps is None else args.steps
+    if sampler == "ddim" and not 1 <= steps <= d.timesteps:
+        raise UserError(f"--steps must lie in [1, {d.timesteps}] (diffusion.timesteps of the model), got {steps}")
+    if sampler == "ddpm" and args.steps is not None and args.steps != d.timesteps:
+        raise UserError(f"--steps {args.steps}: --sampler ddpm always runs all {d.timesteps} steps; use ddim")
+    eta = d.eta if args.eta is None else args.eta
+    guidance = d.guidance_scale if args.guidance is None else args.guidance
+    out = check_out(args)
+    per_class = DEFAULT_PER_CLASS if args.per_class is None else args.per_class
+    labels = torch.tensor(classes).repeat_interleave(per_class)  # (len(classes) * per_class,)
+    ldm.to(device)
+    settings = (f"{sampler}, {d.timesteps if sampler == 'ddpm' else steps} steps"
+                f"{f', eta {eta:g}' if sampler == 'ddim' else ''}, guidance {guidance:g}, seed {args.seed}, "
+                f"{'raw' if args.no_ema else 'EMA'} weights, {describe_device(device)}")
+    print(f"dpldm sample: {len(classes)} classes x {per_class} samples ({settings})", flush=True)
+    images = generate(ldm, labels, steps=steps, eta=eta, guidance=guidance, sampler=sampler, seed=args.seed,
+                      batch_size=args.batch_size, device=device, use_ema=not args.no_ema,
+                      log=lambda msg: print(f"dpldm sample: {msg}", file=sys.stderr, flush=True))
+    meta = {"checkpoint": str(args.checkpoint), "classes": classes, "per_class": per_class, "sampler": sampler,
+            "steps": steps, "eta": eta, "guidance": guidance, "seed": args.seed, "weights": "raw" if args.no_ema else "ema",
+            "privacy": getattr(ldm, "meta", {}).get("privacy")}
+    if args.format == "grid":
+        save_image_grid(images, out, nrow=per_class, upscale=args.upscale)
+    elif args.format == "npz":
+        write_npz(out, to_uint8(images), labels.numpy(), meta)
+    else:
+        write_png_dir(out, to_uint8(images), labels.numpy(), meta)
+    print(f"dpldm sample: wrote {len(labels)} samples -> {out}")
     return 0
