@@ -18,10 +18,18 @@ Kernels (A (B,T,d_in), G (B,T,d_out), mask (B,T), coef (B,); any strides):
                          right after loading (the scaling fused into the GEMM); per-split fp32
                          partials are summed on the host (deterministic, no atomics).
 Precision: fp32 inputs use input_precision="ieee" (no TF32); fp16/bf16 feed tl.dot natively
-with fp32 accumulation. Under the interpreter every tile is cast to fp32 right after tl.load
-(the interpreter computes bf16 wrongly without error).
+(tensor cores) with fp32 accumulation. The clipped sum forms c_i*G (fp32) and feeds it as hi + lo
+parts in the input dtype (two tl.dot on the same A tile), so each example's clipped contribution
+is computed from the same inputs as its norm (~2^-16 relative) and its norm stays <= C. Under the
+interpreter every tile is cast to fp32 right after tl.load (the interpreter computes bf16 wrongly
+without error) and the block sizes are fixed; compiled on a GPU the fused norm and the clipped
+sum are autotuned (triton.autotune over block sizes, warps, stages, keyed on T, d_in, d_out and
+the dtype; DPLDM_TRITON_AUTOTUNE=0 keeps the fixed blocks).
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -37,12 +45,12 @@ _TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _fused_sqnorm_kernel(A, G, M, OUT, T, D_IN, D_OUT,
-                         sab, sat, sad, sgb, sgt, sgd, smb, smt,
-                         n_tiles_in, n_tiles,
+                         sab, sat, sad, sgb, sgt, sgd, smb, smt, out_stride,
                          HAS_MASK: tl.constexpr, BIAS: tl.constexpr, UPCAST: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_tile = tl.program_id(1)
+    n_tiles_in = tl.cdiv(D_IN, BLOCK_I)
     pid_o = pid_tile // n_tiles_in
     pid_i = pid_tile % n_tiles_in
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BO,)
@@ -73,7 +81,7 @@ def _fused_sqnorm_kernel(A, G, M, OUT, T, D_IN, D_OUT,
     s = tl.sum(acc * acc)
     if BIAS:
         s += tl.where(pid_i == 0, tl.sum(bacc * bacc), 0.0)
-    tl.store(OUT + pid_b * n_tiles + pid_tile, s)
+    tl.store(OUT + pid_b * out_stride + pid_tile, s)
 
 
 @triton.jit
@@ -153,8 +161,12 @@ def _clipped_sum_kernel(A, G, COEF, M, WOUT, BOUT, T, ROWS, D_IN, D_OUT,
         gs = g.to(tl.float32) * c[:, None]  # fused row scaling, fp32
         if UPCAST:
             acc = tl.dot(tl.trans(gs), a.to(tl.float32), acc, input_precision="ieee")  # (BO, BI)
-        else:
-            acc = tl.dot(tl.trans(gs.to(g.dtype)), a, acc)
+        else:  # tensor cores: c*G (fp32) as hi + lo in the input dtype, both against the same A tile,
+            # so the sum is c_i * G_i^T A_i of the very inputs the norm kernels read (to ~2^-16)
+            hi = gs.to(a.dtype)
+            lo = (gs - hi.to(tl.float32)).to(a.dtype)
+            acc = tl.dot(tl.trans(hi), a, acc)
+            acc = tl.dot(tl.trans(lo), a, acc)
         if BIAS:
             bacc += tl.sum(gs, axis=0)
     base = pid_k.to(tl.int64) * D_OUT * D_IN
@@ -195,14 +207,24 @@ def sqnorm_fused(A: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None = N
     d_out = G.shape[2]
     if B == 0:
         return torch.zeros(0, dtype=torch.float32, device=A.device)
+    m, smb, smt = _mask_arg(mask, A)
+    flags = dict(HAS_MASK=mask is not None, BIAS=bool(bias), UPCAST=_upcast(A))
+    if _tuned():  # compiled on a GPU: block sizes, warps and stages autotuned per (T, d_in, d_out, dtype)
+        n_max = triton.cdiv(d_out, _MIN_TILE) * triton.cdiv(d_in, _MIN_TILE)
+        part = torch.zeros(B, n_max, dtype=torch.float32, device=A.device)  # unused tiles stay 0
+
+        def grid(meta):
+            return (B, triton.cdiv(d_out, meta["BLOCK_O"]) * triton.cdiv(d_in, meta["BLOCK_I"]))
+        _fused_sqnorm_tuned()[grid](A, G, m, part, T, d_in, d_out, *A.stride(), *G.stride(), smb, smt, n_max,
+                                    **flags)
+        return part.sum(dim=1)
     BO, BI = _pow2(d_out), _pow2(d_in)
     BT = _pow2(T, 16, 64 if INTERPRET else 32)
     n_in, n_o = triton.cdiv(d_in, BI), triton.cdiv(d_out, BO)
     part = torch.empty(B, n_o * n_in, dtype=torch.float32, device=A.device)  # (B, n_tiles)
-    m, smb, smt = _mask_arg(mask, A)
     _fused_sqnorm_kernel[(B, n_o * n_in)](
-        A, G, m, part, T, d_in, d_out, *A.stride(), *G.stride(), smb, smt, n_in, n_o * n_in,
-        HAS_MASK=mask is not None, BIAS=bool(bias), UPCAST=_upcast(A), BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI)
+        A, G, m, part, T, d_in, d_out, *A.stride(), *G.stride(), smb, smt, n_o * n_in,
+        **flags, BLOCK_T=BT, BLOCK_O=BO, BLOCK_I=BI)
     return part.sum(dim=1)
 
 
@@ -236,24 +258,87 @@ def clipped_sum(A: torch.Tensor, G: torch.Tensor, coef: torch.Tensor, mask: torc
     if rows == 0:
         w = torch.zeros(d_out, d_in, dtype=torch.float32, device=A.device)
         return w, (torch.zeros(d_out, dtype=torch.float32, device=A.device) if bias else None)
-    BO, BI = _pow2(d_out), _pow2(d_in)
-    BK = _pow2(rows, 16, 64 if INTERPRET else 32)
-    n_o, n_i = triton.cdiv(d_out, BO), triton.cdiv(d_in, BI)
-    n_k = triton.cdiv(rows, BK)
-    if INTERPRET or A.device.type != "cuda":
-        split = 1
-    else:  # enough programs to fill the GPU: about 4 per SM
-        sms = torch.cuda.get_device_properties(A.device).multi_processor_count
-        split = max(1, min(n_k, (4 * sms) // max(1, n_o * n_i)))
-    rows_per_split = triton.cdiv(n_k, split) * BK
-    split = triton.cdiv(rows, rows_per_split)
-    wpart = torch.empty(split, d_out, d_in, dtype=torch.float32, device=A.device)
-    bpart = torch.zeros(split, d_out, dtype=torch.float32, device=A.device) if bias else wpart
     c = coef.to(device=A.device, dtype=torch.float32).contiguous()
     m, smb, smt = _mask_arg(mask, A)
-    _clipped_sum_kernel[(n_o, n_i, split)](
-        A, G, c, m, wpart, bpart, T, rows, d_in, d_out, *A.stride(), *G.stride(), smb, smt, rows_per_split,
-        HAS_MASK=mask is not None, BIAS=bool(bias), UPCAST=_upcast(A), BLOCK_K=BK, BLOCK_O=BO, BLOCK_I=BI)
+    flags = dict(HAS_MASK=mask is not None, BIAS=bool(bias), UPCAST=_upcast(A))
+    if _tuned():
+        # splits of the B*T rows sized independently of the tuned BLOCK_K (a multiple of every
+        # BLOCK_K), so each config writes every partial: about 4 programs per SM at 64x64 tiles
+        sms = _sms(A.device)
+        tiles = triton.cdiv(d_out, 64) * triton.cdiv(d_in, 64)
+        split = max(1, min(triton.cdiv(rows, 256), (4 * sms) // max(1, tiles)))
+        rows_per_split = triton.cdiv(triton.cdiv(rows, split), 128) * 128
+        split = triton.cdiv(rows, rows_per_split)
+        wpart = torch.empty(split, d_out, d_in, dtype=torch.float32, device=A.device)
+        bpart = torch.empty(split, d_out, dtype=torch.float32, device=A.device) if bias else wpart
+
+        def grid(meta):
+            return (triton.cdiv(d_out, meta["BLOCK_O"]), triton.cdiv(d_in, meta["BLOCK_I"]), split)
+        _clipped_sum_tuned()[grid](A, G, c, m, wpart, bpart, T, rows, d_in, d_out, *A.stride(), *G.stride(),
+                                   smb, smt, rows_per_split, **flags)
+    else:
+        BO, BI = _pow2(d_out), _pow2(d_in)
+        BK = _pow2(rows, 16, 64 if INTERPRET else 32)
+        n_o, n_i = triton.cdiv(d_out, BO), triton.cdiv(d_in, BI)
+        n_k = triton.cdiv(rows, BK)
+        if INTERPRET or A.device.type != "cuda":
+            split = 1
+        else:  # enough programs to fill the GPU: about 4 per SM
+            sms = torch.cuda.get_device_properties(A.device).multi_processor_count
+            split = max(1, min(n_k, (4 * sms) // max(1, n_o * n_i)))
+        rows_per_split = triton.cdiv(n_k, split) * BK
+        split = triton.cdiv(rows, rows_per_split)
+        wpart = torch.empty(split, d_out, d_in, dtype=torch.float32, device=A.device)
+        bpart = torch.zeros(split, d_out, dtype=torch.float32, device=A.device) if bias else wpart
+        _clipped_sum_kernel[(n_o, n_i, split)](
+            A, G, c, m, wpart, bpart, T, rows, d_in, d_out, *A.stride(), *G.stride(), smb, smt, rows_per_split,
+            **flags, BLOCK_K=BK, BLOCK_O=BO, BLOCK_I=BI)
     w = wpart[0] if split == 1 else wpart.sum(dim=0)
     b = (bpart[0] if split == 1 else bpart.sum(dim=0)) if bias else None
     return w, b
+
+
+# ---- autotuning (compiled GPU only; the interpreter keeps the fixed blocks above) -----------------------
+_MIN_TILE = 32  # smallest BLOCK_O / BLOCK_I of the tuned configs (sizes the norm's partials)
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _tuned() -> bool:
+    return not INTERPRET and os.environ.get("DPLDM_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _cfg(bt, bo, bi, warps, stages, k="BLOCK_T"):
+    return triton.Config({k: bt, "BLOCK_O": bo, "BLOCK_I": bi}, num_warps=warps, num_stages=stages)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far wider than the layer (a 128-wide tile on d = 40 wastes 2/3 of the work)."""
+    d_in, d_out = named_args["D_IN"], named_args["D_OUT"]
+    keep = [c for c in configs if c.kwargs["BLOCK_O"] <= max(_MIN_TILE, triton.next_power_of_2(d_out))
+            and c.kwargs["BLOCK_I"] <= max(_MIN_TILE, triton.next_power_of_2(d_in))]
+    return keep or configs[:1]
+
+
+# bf16/fp16 tiles feed tensor cores (wgmma on sm_90): 64-128 wide, 3-4 stages; fp32 ("ieee", no TF32)
+# runs on CUDA cores and takes the smaller ones (configs that do not fit are skipped by the tuner).
+_FUSED_CONFIGS = [_cfg(bt, bo, bi, w, st) for (bt, bo, bi, w, st) in (
+    (32, 32, 32, 4, 2), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 128, 8, 3),
+    (32, 128, 128, 8, 4))]
+_CSUM_CONFIGS = [_cfg(bk, bo, bi, w, st, "BLOCK_K") for (bk, bo, bi, w, st) in (
+    (32, 32, 32, 4, 2), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 128, 8, 3),
+    (32, 128, 128, 8, 4))]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_sqnorm_tuned():
+    return triton.autotune(configs=_FUSED_CONFIGS, key=["T", "D_IN", "D_OUT"], reset_to_zero=["OUT"],
+                           prune_configs_by={"early_config_prune": _prune})(_fused_sqnorm_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _clipped_sum_tuned():
+    return triton.autotune(configs=_CSUM_CONFIGS, key=["T", "D_IN", "D_OUT"],
+                           prune_configs_by={"early_config_prune": _prune})(_clipped_sum_kernel)

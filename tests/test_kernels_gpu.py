@@ -109,3 +109,58 @@ def test_gpu_norm_affine_and_embedding_half():
         idx = torch.randint(0, 7, (5, 33), device=DEV)
         G = torch.randn(5, 33, 64, device=DEV).to(dtype)
         assert rel(K.embedding_sqnorm(idx, G, backend="triton"), K.embedding_sqnorm_torch(idx, G)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch"] + gpu_backends())
+@pytest.mark.parametrize("B,T,d_in,d_out", [(3, 77, 40, 24), (8, 256, 320, 320), (16, 64, 640, 640),
+                                            (4, 1024, 128, 128)])
+def test_gpu_bf16_norm_and_sum_read_the_same_inputs(backend, B, T, d_in, d_out):
+    """bf16 on tensor cores (torch: bmm/mm out_dtype=fp32 and the hi/lo split; triton: tl.dot on bf16
+    tiles): norms and sums equal the float64 result of the SAME bf16 values (exact products, fp32
+    accumulation), and each example's clipped contribution has norm <= C (1 + 1e-4)."""
+    A, G, _, _ = make(B, T, d_in, d_out, torch.bfloat16, masked=False, seed=2)
+    Ad, Gd = cu(A, G)
+    loop = K.per_example_sqnorm_linear_loop(A, G, bias=True)
+    methods = ("materialize", "ghost") if backend == "torch" else ("fused", "ghost")
+    for method in methods:
+        out = K.per_example_sqnorm_linear(Ad, Gd, bias=True, method=method, backend=backend)
+        assert out.dtype == torch.float32 and rel(out, loop) < 1e-4, (method, rel(out, loop))
+    C = 0.1
+    coef = (C / out.sqrt()).float()  # every example clipped to C
+    W, b = K.clipped_sum_linear(Ad, Gd, coef, bias=True, backend=backend)
+    Wr, br = K.clipped_sum_linear_torch(A.double(), G.double(), coef.double().cpu(), bias=True)
+    assert W.dtype == torch.float32 and rel(W, Wr) < 1e-4 and rel(b, br) < 1e-4
+    for i in range(min(B, 3)):
+        e = torch.zeros_like(coef)
+        e[i] = coef[i]
+        Wi, bi = K.clipped_sum_linear(Ad, Gd, e, bias=True, backend=backend)
+        n = float((Wi.double().pow(2).sum() + bi.double().pow(2).sum()).sqrt())
+        assert n <= C * (1 + 1e-4), (backend, i, n / C)
+
+
+def test_gpu_triton_autotune_runs_and_keeps_a_config():
+    from dpldm.kernels import linear_triton as lt
+
+    A, G, _, coef = cu(*make(8, 256, 320, 320, torch.bfloat16, False))
+    K.per_example_sqnorm_linear(A, G, method="fused", backend="triton")
+    K.clipped_sum_linear(A, G, coef, backend="triton")
+    assert lt._tuned()
+    assert lt._fused_sqnorm_tuned().best_config is not None and lt._clipped_sum_tuned().best_config is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_selector_measures_and_matches_loop(dtype, tmp_path):
+    from dpldm.kernels.registry import LinearShape
+    from dpldm.kernels.selection import KernelSelector
+
+    sel = KernelSelector(16, cache_path=tmp_path / "k.json")
+    A, G, _, coef = make(16, 64, 320, 320, dtype, False)
+    Ad, Gd, cd = cu(A, G, coef)
+    out = K.per_example_sqnorm_linear(Ad, Gd, bias=True, selector=sel)
+    assert rel(out, K.per_example_sqnorm_linear_loop(A, G, bias=True)) < 1e-4
+    W, _ = K.clipped_sum_linear(Ad, Gd, cd, selector=sel)
+    assert rel(W, K.clipped_sum_linear_torch(A.double(), G.double(), coef.double())[0]) < 1e-4
+    key = sel.key("linear_sqnorm", DEV, dtype, LinearShape(64, 320, 320, True))
+    entry = sel.choices[key]
+    assert len(entry.times_ms) >= 3 and entry.choice == min(entry.times_ms, key=entry.times_ms.get)
+    print(sel.summary())

@@ -108,3 +108,37 @@ def test_triton_rejects_fp64_explicitly_and_auto_avoids_it():
     A, G, _, _ = make(2, 3, 24, 40)
     with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
         K.per_example_sqnorm_linear(*dev(A.double(), G.double()), backend="triton")
+
+
+@pytest.mark.parametrize("which", ["fused", "csum"])
+def test_every_autotune_config_is_correct(monkeypatch, which):
+    """The autotuned launch path (grid from the config, zeroed partials, row splits independent of
+    BLOCK_K) with each config alone, against the float64 loop. Compiled GPUs benchmark the configs;
+    here each one runs by itself (a one-config autotuner does not benchmark)."""
+    import triton
+
+    from dpldm.kernels import linear_triton as lt
+
+    configs = lt._FUSED_CONFIGS if which == "fused" else lt._CSUM_CONFIGS
+    A, G, mask, coef = make(4, 70, 72, 40, masked=True, seed=5)  # 280 rows: the clipped sum takes 2 row splits
+    Ad, Gd, md, cd = dev(A, G, mask, coef)
+    monkeypatch.setattr(lt, "_tuned", lambda: True)
+    monkeypatch.setattr(lt, "_sms", lambda device: 1)
+    for cfg in configs:
+        if which == "fused":
+            tuned = triton.autotune(configs=[cfg], key=["T", "D_IN", "D_OUT"], reset_to_zero=["OUT"])(
+                lt._fused_sqnorm_kernel)
+            monkeypatch.setattr(lt, "_fused_sqnorm_tuned", lambda t=tuned: t)
+            got = lt.sqnorm_fused(Ad, Gd, md, True)
+            assert rel(got, K.per_example_sqnorm_linear_loop(A, G, bias=True, mask=mask)) < 1e-5, cfg
+        else:
+            tuned = triton.autotune(configs=[cfg], key=["T", "D_IN", "D_OUT"])(lt._clipped_sum_kernel)
+            monkeypatch.setattr(lt, "_clipped_sum_tuned", lambda t=tuned: t)
+            launches = []
+            monkeypatch.setattr(tuned, "run", lambda *a, _run=tuned.run, **k: launches.append(k["grid"]) or _run(*a, **k))
+            W, b = lt.clipped_sum(Ad, Gd, cd, md, True)
+            assert len(launches) == 1 and launches[0]({**cfg.kwargs})[2] == 2
+            Wr, br = K.clipped_sum_linear_torch(A.double(), G.double(), coef.double(), bias=True, mask=mask.double())
+            assert rel(W, Wr) < 1e-5 and rel(b, br) < 1e-5, cfg
+    assert lt._prune(configs, {"D_IN": 40, "D_OUT": 24}) and all(
+        c.kwargs["BLOCK_O"] <= 32 and c.kwargs["BLOCK_I"] <= 64 for c in lt._prune(configs, {"D_IN": 40, "D_OUT": 24}))
