@@ -110,7 +110,7 @@ def train(cfg: RunConfig, opts: FinetuneOptions) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     ctx = open_context(cfg, opts)
     try:
-        return _Trainer(cfg, opts, ctx).run()
+        return Trainer(cfg, opts, ctx).run()
     finally:
         ctx.close()
 
@@ -178,7 +178,7 @@ class _NullLogger:
 
 # -- the trainer ---------------------------------------------------------------------------------------
 
-class _Trainer:
+class Trainer:
     """Holds the run's objects; `run()` is the one loop. Built on every rank."""
 
     def __init__(self, cfg: RunConfig, opts: FinetuneOptions, ctx) -> None:
@@ -315,40 +315,55 @@ class _Trainer:
         return logger
 
     # -- the loop ---------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        from dpldm.parallel.step import run_logical_step
-        from dpldm.train.dp_loss import ChunkBatch
-        from dpldm.train.private_data import latent_shape
-        from dpldm.train.run_folder import STOP_FILE, StopRequest
-
+    def setup(self) -> None:
+        """Claim the run folder and build everything (collective)."""
         self._claim_run_folder()
         try:
             self._setup()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def load(self, idx: torch.Tensor):
+        """The chunk `idx` (global example indices, sorted) as the loss function takes it."""
+        from dpldm.train.dp_loss import ChunkBatch
+
+        z0, y = self.data.dataset.get_batch(idx)  # (B, Z, h, w) unscaled latents, (B,)
+        return ChunkBatch(z0, y, idx, self.dp.step_index)
+
+    def step(self) -> None:
+        """One logical DP step (collective): this rank's chunks, noise once, all-reduce, / q*N,
+        AdamW, EMA. The loop below calls nothing else to train."""
+        from dpldm.parallel.step import run_logical_step
+        from dpldm.train.dp_loss import ChunkBatch
+        from dpldm.train.private_data import latent_shape
+
+        dummy = ChunkBatch(torch.zeros((1, *latent_shape(self.cfg))), torch.zeros(1, dtype=torch.int64),
+                           torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step)
+        run_logical_step(self.dp, self.load, lockstep=self.model.lockstep, dummy_batch=dummy,
+                         after_pass=self.model.after_backward if self.stage == 3 else None)
+        self.scheduler.step()
+        self.ema.update(self.trainable)
+
+    def run(self) -> dict[str, Any]:
+        from dpldm.train.run_folder import STOP_FILE, StopRequest
+
+        self.setup()
+        try:
             logger = self._start_logger()
         except BaseException:
             self._release_lock()
             raise
-        cfg, pc, tc, ctx, dp = self.cfg, self.cfg.privacy, self.cfg.train, self.ctx, self.dp
+        pc, tc, ctx, dp = self.cfg.privacy, self.cfg.train, self.ctx, self.dp
         start = dp.step_index
         stop_at = pc.steps if self.opts.max_steps is None else min(pc.steps, start + self.opts.max_steps)
-        dataset = self.data.dataset
-
-        def load(idx: torch.Tensor) -> ChunkBatch:
-            z0, y = dataset.get_batch(idx)  # (B, Z, h, w) unscaled latents, (B,)
-            return ChunkBatch(z0, y, idx, dp.step_index)
-
-        dummy = ChunkBatch(torch.zeros((1, *latent_shape(cfg))), torch.zeros(1, dtype=torch.int64),
-                           torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step)
         stop = StopRequest()
         stop_reason = None
         t0 = t_log = time.perf_counter()
         steps_at_log = start
         try:
             while dp.step_index < stop_at:
-                run_logical_step(dp, load, lockstep=self.model.lockstep, dummy_batch=dummy,
-                                 after_pass=self.model.after_backward if self.stage == 3 else None)
-                self.scheduler.step()
-                self.ema.update(self.trainable)
+                self.step()
                 s = dp.step_index
                 logger.advance()
                 if self.opts.check_every and s % self.opts.check_every == 0:
@@ -367,7 +382,8 @@ class _Trainer:
                 if tc.sample_every and s % tc.sample_every == 0 and ctx.is_main:
                     logger.log_image(s, self._sample_grid(s))
                 if want_stop and s < pc.steps:
-                    stop_reason = asked or f"--max-steps {self.opts.max_steps}"
+                    stop_reason = asked or (f"--max-steps {self.opts.max_steps}" if s >= stop_at
+                                            else "a stop request on another rank")
                     break
         finally:
             stop.restore()
@@ -429,6 +445,7 @@ class _Trainer:
 
     def _finish(self, stop_reason: str | None, wall_s: float) -> dict[str, Any]:
         from dpldm.models.ldm import save_ldm
+        from dpldm.train.run_folder import STOP_FILE
         from dpldm.train.dp_state import privacy_report
         from dpldm.utils.device import describe_device
 
@@ -449,6 +466,8 @@ class _Trainer:
                 return str(path)
             result["model"] = self.ctx.on_main(release)
         elif self.ctx.is_main and self.opts.verbose:
+            if stop_reason == STOP_FILE:
+                (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # honoured: the resumed run trains on
             print(f"[finetune] stopped at step {led.steps_done} of {cfg.privacy.steps} ({stop_reason}); checkpoint "
                   f"written. Resume with the same command plus --resume (launch/train.py resumes by default)",
                   flush=True)
@@ -510,5 +529,5 @@ def release_from_checkpoint(checkpoint: str | Path, out: str | Path, init: str |
                                                         "weights": "ema" if prefix == "ema" else "last iterate"}})
 
 
-__all__ = ["FinetuneOptions", "train", "print_result", "release_from_checkpoint", "check_privacy_settings",
+__all__ = ["FinetuneOptions", "Trainer", "train", "print_result", "release_from_checkpoint", "check_privacy_settings",
            "RESULT_PREFIX"]
