@@ -160,3 +160,128 @@ def test_shipped_public_model_loads_and_denoises_glyphs():
         wrong = (unet(x_t, t, (y + 7) % 36) - noise).pow(2).mean().item()
     assert right < 0.2  # predicting eps = 0 scores 1.0
     assert right < 0.9 * wrong  # the class context matters
+
+
+# -- public data from shards (issue 11, item 8) and --device (item 5) ----------------------------------
+
+def _public_shards(root: Path, n: int, shard_size: int) -> tuple[Path, np.ndarray, np.ndarray]:
+    """An image shard folder (32x32 grey, 36 classes) whose images carry their index (index_of)."""
+    from dpldm.data.shards import import_arrays
+    from dpldm.data.testing import indexed_images
+
+    x, y, meta = indexed_images(n, (32, 32), num_classes=36, seed=5)
+    import_arrays(x, y, meta, root / "public", shard_size=shard_size)
+    return root / "public", x, y
+
+
+def test_public_stream_yields_the_shards_contents_and_resumes_at_a_position(tmp_path):
+    from dpldm.data.codec import images_to_tensor
+    from dpldm.data.public import PublicStream
+    from dpldm.data.testing import index_of
+
+    folder, x, y = _public_shards(tmp_path, 20, 7)
+    kw = dict(batch_size=6, channels=1, image_size=32, num_classes=36, seed=3, shuffle_buffer=10)
+    s = PublicStream(folder, **kw)
+    batches = [s.next() for _ in range(7)]  # 3 full batches per epoch (18 of 20), then the next epoch
+    assert [b[0].shape for b in batches] == [(6, 1, 32, 32)] * 7 and s.position == (2, 1)
+    epoch0 = np.concatenate([index_of(b[0]) for b in batches[:3]])
+    assert len(set(epoch0)) == 18 and set(epoch0) <= set(range(20))  # each example at most once per epoch
+    for xb, yb in batches:  # every image and label is the folder's own, bit for bit
+        i = index_of(xb)
+        torch.testing.assert_close(xb, images_to_tensor(x[i]), rtol=0, atol=0)
+        assert yb.tolist() == y[i].tolist()
+    assert not np.array_equal(epoch0, np.concatenate([index_of(b[0]) for b in batches[3:6]]))  # reshuffled
+    resumed = PublicStream(folder, position=(1, 2), **kw)  # after 5 batches: epoch 1, 2 taken
+    for want in batches[5:]:
+        got = resumed.next()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    rgb = PublicStream(folder, **{**kw, "channels": 3}).next()[0]  # grey shards for an RGB recipe: replicated
+    assert rgb.shape == (6, 3, 32, 32) and torch.equal(rgb[:, 0], rgb[:, 2])
+
+
+@pytest.fixture(scope="module")
+def shard_runs(tmp_path_factory):
+    """pretrain-ae and pretrain-ldm on a streamed shard folder: uninterrupted, and cut + resumed
+    across an epoch boundary (20 examples, batch 6: 3 batches per epoch)."""
+    root = tmp_path_factory.mktemp("pretrain_shards")
+    torch.set_num_threads(1)
+    folder, _, _ = _public_shards(root, 20, 7)
+    pub = ["--set", f"data.public={json.dumps(str(folder))}", "--no-wandb", "--device", "cpu"]
+    assert cli("pretrain-ae", "--out", str(root / "ae"), *pub, steps={"ae_steps": 8}) == 0
+    assert cli("pretrain-ae", "--out", str(root / "ae_cut"), *pub, steps={"ae_steps": 4}) == 0
+    assert cli("pretrain-ae", "--out", str(root / "ae_cut"), *pub, "--resume", steps={"ae_steps": 8}) == 0
+    ae = str(root / "ae" / "model")
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm"), *pub, steps={"steps": 5}) == 0
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cut"), *pub, steps={"steps": 4}) == 0
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cut"), *pub, "--resume",
+               steps={"steps": 5}) == 0
+    return root, folder
+
+
+def test_pretraining_streams_shards_and_resumes_exactly(shard_runs):
+    root, folder = shard_runs
+    meta = load_checkpoint(root / "ae_cut" / "checkpoints" / "step_00000004")[1]
+    assert meta["public_stream"] == [1, 1]  # 4 batches taken: epoch 0 (3) + 1 of epoch 1
+    assert_same_tensors(tensors_of(root / "ae" / "model"), tensors_of(root / "ae_cut" / "model"))
+    assert_same_tensors(tensors_of(root / "ldm" / "model"), tensors_of(root / "ldm_cut" / "model"))
+    ae_meta = load_checkpoint(root / "ae" / "model")[1]
+    assert ae_meta["heldout_mse"] is None and np.isfinite(ae_meta["train_first_20_mse"])
+    ldm = load_ldm(root / "ldm")
+    assert ldm.meta["public"] == str(folder) and 0 < ldm.scale_factor < 1e6 and (root / "ldm" / "samples.png").is_file()
+
+
+def test_scale_factor_from_streamed_shards_matches_the_in_memory_computation(shard_runs):
+    """scale_factor of a streamed run = the in-memory formula on the folder's images."""
+    from dpldm.data.manifest import open_shard_folder
+    from dpldm.data.shards import read_shard_arrays
+    from dpldm.data.codec import images_to_tensor
+    from dpldm.train.pretrain_ldm import encode_moments, latent_scale_factor
+
+    root, folder = shard_runs
+    f = open_shard_folder(folder)
+    x = images_to_tensor(np.concatenate([read_shard_arrays(f, k)[0] for k in range(len(f.shards))]))
+    ae, _, _ = load_autoencoder(root / "ae")
+    want = latent_scale_factor(*encode_moments(ae, x), seed=0)
+    assert load_ldm(root / "ldm").scale_factor == pytest.approx(want, rel=1e-6)
+
+
+def test_autoencoder_loss_decreases_on_streamed_shards_as_in_memory(tmp_path):
+    """Same kind of result as the in-memory source: glyphs imported as shards and streamed lower the
+    loss about as much as the same glyphs held in memory."""
+    from dpldm.utils.logging import read_metrics
+
+    assert main(["data", "import", "--source", "glyphs", "--num", "96", "--out", str(tmp_path / "glyphs"),
+                 "--shard-size", "32"]) == 0
+    drops = {}
+    for name, public in (("shards", str(tmp_path / "glyphs")), ("memory", "glyphs")):
+        out = tmp_path / name
+        assert cli("pretrain-ae", "--out", str(out), "--set", f"data.public={json.dumps(public)}", "--no-wandb",
+                   "--set", "train.ae_lr=3e-3", steps={"ae_steps": 40}) == 0
+        losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+        assert len(losses) == 40
+        drops[name] = np.mean(losses[-5:]) / np.mean(losses[:5])
+    assert drops["shards"] < 0.8 and drops["memory"] < 0.8, drops
+    assert abs(drops["shards"] - drops["memory"]) < 0.15, drops
+
+
+def test_pretrain_device_flag_and_bad_public_shards(tmp_path, capsys):
+    from dpldm.data.testing import plant_shard
+
+    folder, _, _ = _public_shards(tmp_path, 20, 10)
+    pub = ["--set", f"data.public={json.dumps(str(folder))}", "--no-wandb"]
+    assert cli("pretrain-ae", "--out", str(tmp_path / "a"), *pub, "--device", "cuda:99", steps={"ae_steps": 1}) == 2
+    err = capsys.readouterr().err
+    assert "--device=cuda:99" in err and not (tmp_path / "a").exists()
+    assert cli("pretrain-ae", "--out", str(tmp_path / "b"), *pub, "--set", 'train.device="cuda:99"',
+               steps={"ae_steps": 1}) == 2
+    assert "train.device=cuda:99" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(folder, bad)
+    plant_shard(bad, 1, [{"__key__": "00000010", "npy": b"garbage", "cls": b"1"}], reindex=True)
+    assert cli("pretrain-ae", "--out", str(tmp_path / "c"), "--set", f"data.public={json.dumps(str(bad))}",
+               "--no-wandb", steps={"ae_steps": 3}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dpldm pretrain-ae: error: ") and "shard-000001.tar [sample '00000010']" in err[-1]
+    assert not (tmp_path / "c" / "model").exists() and not list_step_checkpoints(tmp_path / "c")
