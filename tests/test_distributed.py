@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpldm.checkpoint import list_step_checkpoints, load_checkpoint
 from dpldm.parallel.env import LaunchError, resolve_launch_env, slurm_port
 from dpldm.parallel.plan import PlanError, read_hostfile, resolve_plan
-from dpldm.parallel.step import balanced_chunks, num_chunks
+from dpldm.parallel.step import expected_passes
 from dpldm.parallel.zero import ZERO_STAGES, ZeroConfigError, load_ds_config, zero_stage
-from dpldm.privacy.sampler import PoissonPlan
+from dpldm.privacy.dp_step import DPStep, World, global_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))
@@ -79,42 +80,58 @@ def test_plan_numbers_and_world_size_error():
     assert plan["expected_logical_batch"] == pytest.approx(tiny.EXPECTED)
     assert plan["sample_rate"] == pytest.approx(tiny.EXPECTED / tiny.N)
     assert plan["expected_share_per_rank"] == pytest.approx(tiny.EXPECTED / 2)
-    assert plan["chunks_per_rank_per_step"] == 2  # 3 per rank in chunks of at most 2
+    assert plan["passes_per_rank_per_step"] == 2  # 6 expected -> 3 chunks of <= 2, dealt to 2 ranks
     assert plan["noise_multiplier"] == 1.0 and plan["epsilon"] > 0
     assert plan["noise_std_on_update"] == pytest.approx(1.0 * tiny.CLIP / tiny.EXPECTED)
     assert plan["frozen_bytes_per_rank_zero3"] == 160 and plan["frozen_bytes_per_rank_zero0"] == 320
-    with pytest.raises(PlanError, match="larger than the expected logical batch"):
-        resolve_plan(c, tiny.N, tiny.EXPECTED + 1, 0)
+    assert plan["warnings"] == []
+    idle = resolve_plan(c, tiny.N, 4, 0)
+    assert len(idle["warnings"]) == 1 and "physical_batch_size <= 1" in idle["warnings"][0]
     explicit = resolve_plan(tiny.cfg(["privacy.epsilon=5.0"]), 1000, 1, 0)
     assert explicit["noise_multiplier"] == 1.0 and not explicit["sigma_calibrated"]  # sigma wins over the target
 
 
-# -- chunking: equal counts on every rank, bounded chunks, a partition of the sample ----------------
+# -- chunking: global chunks of the sample, dealt whole to the ranks --------------------------------
+
+class _Loss:
+    def __call__(self, model, batch):
+        return model(batch).sum(dim=1)
+
 
 @pytest.mark.parametrize("W", [1, 2, 3, 4])
 @pytest.mark.parametrize("phys", [1, 2, 5, 64])
-def test_chunks_partition_the_global_sample(W, phys):
-    plan = PoissonPlan(200, 0.13, seed=11)
-    for step in range(6):
-        idx = plan.indices(step)
-        n = num_chunks(idx.numel(), W, phys)
-        seen = []
-        for r in range(W):
-            share = PoissonPlan.rank_share(idx, r, W)
-            chunks = balanced_chunks(share, n)
-            assert len(chunks) == n  # the same number of passes on every rank (ZeRO-3 lock-step)
-            assert all(c.numel() <= phys for c in chunks)
-            empties = sum(c.numel() == 0 for c in chunks)
-            assert empties == max(0, n - share.numel())  # empty only when the share is shorter than n
-            seen += [i for c in chunks for i in c.tolist()]
-        assert sorted(seen) == idx.tolist()
+def test_chunks_partition_the_global_sample_independently_of_the_world(W, phys):
+    """Every rank's DPStep deals itself chunks r, r+W, ... of the SAME global chunking: the chunks
+    are bounded by P, partition the sample, do not depend on W, and every rank runs the same
+    number of passes (ZeRO-3 lock-step)."""
+    from dpldm.privacy.accountant import PrivacyLedger
+
+    for step in range(4):
+        ledgers = [PrivacyLedger.create(num_examples=200, sample_rate=0.13, max_grad_norm=1.0, delta=1e-3,
+                                        noise_multiplier=1.0, seed=11) for _ in range(W)]
+        steps = [DPStep(torch.nn.Linear(3, 2), _Loss(), led, world=World(r, W, all_reduce_sum=lambda ts: None),
+                        physical_batch_size=phys) for r, led in enumerate(ledgers)]
+        for led in ledgers:
+            for _ in range(step):
+                led.step()
+        idx = ledgers[0].plan.indices(step)
+        reference = global_chunks(idx, phys)  # the chunking of one process
+        assert all(c.numel() <= phys for c in reference) and len(reference) == -(-idx.numel() // phys)
+        seen, passes = [], set()
+        for r, dp in enumerate(steps):
+            share = dp.begin_step()
+            assert [c.tolist() for c in dp.my_chunks] == [c.tolist() for c in reference[r::W]]
+            assert share.tolist() == [i for c in dp.my_chunks for i in c.tolist()]
+            passes.add(dp.passes_per_rank)
+            seen += share.tolist()
+        assert sorted(seen) == idx.tolist() and passes == {-(-len(reference) // W)}
 
 
 def test_chunks_edge_cases():
-    assert num_chunks(0, 4, 64) == 0 and balanced_chunks(torch.zeros(0, dtype=torch.long), 0) == []
-    assert num_chunks(1, 2, 64) == 1  # rank 1 has nothing: one dummy pass under ZeRO-3
-    with pytest.raises(ValueError):
-        balanced_chunks(torch.arange(3), 0)
+    assert global_chunks(torch.zeros(0, dtype=torch.long), 64) == []
+    assert [c.tolist() for c in global_chunks(torch.arange(7), 3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert expected_passes(1, 2, 64) == 1  # rank 1 has nothing: one dummy pass under ZeRO-3
+    assert expected_passes(1000, 4, 125) == 2  # 8 chunks over 4 ranks
 
 
 # -- DeepSpeed configs -------------------------------------------------------------------------------
@@ -145,7 +162,7 @@ def test_ds_configs_load_and_validate(tmp_path):
 # -- checkpoint pieces -------------------------------------------------------------------------------
 
 def test_optimizer_state_round_trip_by_name():
-    from dpldm.parallel.state import load_optimizer_tensors, optimizer_tensors
+    from dpldm.train.dp_state import load_optimizer_tensors, optimizer_tensors
 
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))
@@ -170,42 +187,31 @@ def test_optimizer_state_round_trip_by_name():
     torch.testing.assert_close(b2, b, rtol=0, atol=0)
 
 
-def test_consolidate_puts_trained_tensors_into_the_init_model(tmp_path):
-    """A DP checkpoint (trained tensors + ledger) + the init LDM folder -> a single-process LDM."""
-    from dpldm.checkpoint import save_step_checkpoint
+def test_consolidate_releases_what_the_run_releases(tmp_path):
+    """`launch/train.py --consolidate RUN` rebuilds, from the newest step checkpoint and the init
+    model, exactly the model the run released at its end (EMA weights), without the secrets."""
     from dpldm.models.ldm import LatentDiffusion, load_ldm, save_ldm
-    from dpldm.models.selection import apply_finetune
-    from dpldm.parallel.state import KIND, consolidate, optimizer_tensors
-    from dpldm.privacy.accountant import PrivacyLedger
+    from dpldm.train.dp_finetune import FinetuneOptions, release_from_checkpoint, train
 
-    c = tiny.cfg()
+    c = tiny.cfg(["privacy.steps=2", "train.checkpoint_every=1", "train.ema_decay=0.5",
+                  "privacy.epsilon=1e9", "privacy.accountant=\"rdp\""])
     torch.manual_seed(0)
-    ldm = LatentDiffusion(c)
-    save_ldm(tmp_path / "init", ldm)
-    names = apply_finetune(ldm.unet, c.train.finetune)
-    trained = {n: p.detach() + 1.0 for n, p in ldm.unet.named_parameters() if p.requires_grad}
-    ledger = PrivacyLedger.create(num_examples=tiny.N, sample_rate=0.5, max_grad_norm=1.0, delta=1e-3,
-                                  noise_multiplier=1.0, seed=123)
-    ledger.step()
-    opt = torch.optim.SGD([p for p in ldm.unet.parameters() if p.requires_grad], lr=0.1)
-    opt_t, opt_meta = optimizer_tensors(opt, names)
-    save_step_checkpoint(tmp_path / "run", 1, {**{f"train.{n}": t for n, t in trained.items()}, **opt_t},
-                         {"kind": KIND, "trainable": names, "optimizer": opt_meta, "init_checkpoint": str(tmp_path / "init"),
-                          "privacy": {"ledger": ledger.state_dict(), "noise": {"mode": "os"}},
-                          "config": c.to_dict()})
-    out = consolidate(tmp_path / "run", tmp_path / "model")
+    save_ldm(tmp_path / "init", LatentDiffusion(c))
+    res = train(c, FinetuneOptions(out=tmp_path / "run", init=str(tmp_path / "init"), synthetic_latents=tiny.N))
+    released = load_ldm(res["model"]).unet.state_dict()
+    out = release_from_checkpoint(tmp_path / "run", tmp_path / "model")
     model = load_ldm(out)  # one process, no DeepSpeed
-    state = model.unet.state_dict()
-    for n, p in ldm.unet.state_dict().items():
-        torch.testing.assert_close(state[n], trained[n] if n in trained else p, rtol=0, atol=0)
+    for n, t in released.items():
+        torch.testing.assert_close(model.unet.state_dict()[n], t, rtol=0, atol=0)
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["finetuned"]["privacy"]["steps_done"] == 1 and meta["finetuned"]["privacy"]["epsilon"] > 0
-    assert "123" not in (out / "meta.json").read_text()  # the sampling seed stays private
-    # the CLI flag does the same
+    assert meta["privacy"]["steps"] == 2 and meta["privacy"]["epsilon"] > 0
+    _, ck = load_checkpoint(list_step_checkpoints(tmp_path / "run")[-1])
+    for secret in (ck["privacy"]["ledger"]["plan"]["seed"], ck["secrets"]["diffusion_seed"]):
+        assert str(secret) not in (out / "meta.json").read_text()  # the seeds stay private
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--consolidate", str(tmp_path / "run"),
                         "--out", str(tmp_path / "model2")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    torch.testing.assert_close(load_ldm(tmp_path / "model2").unet.state_dict(), state, rtol=0, atol=0)
+    torch.testing.assert_close(load_ldm(tmp_path / "model2").unet.state_dict(), model.unet.state_dict(), rtol=0, atol=0)
 
 
 # -- launch scripts --------------------------------------------------------------------------------

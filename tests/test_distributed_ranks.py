@@ -91,7 +91,7 @@ def test_noise_free_step_matches_single_process(checks, reference, stage):
     info = res["stages"][str(stage)]
     assert info["ledger_steps"] == 1
     counts = info["counts"]
-    assert len(counts) == W and len({c["chunks"] for c in counts}) == 1  # equal passes on every rank
+    assert len(counts) == W and len({c["passes"] for c in counts}) == 1  # equal passes on every rank
     assert sum(c["share"] for c in counts) == counts[0]["global"] == len(tiny_indices())  # shares partition it
 
 
@@ -172,7 +172,8 @@ def test_zero3_lockstep_with_an_empty_share(checks, reference):
     c, state, _, _ = reference
     info = res["lockstep"]
     counts = info["counts"]
-    assert all(k["global"] == 1 and k["chunks"] == 1 for k in counts)
+    assert all(k["global"] == 1 and k["passes"] == 1 for k in counts)
+    assert [k["chunks"] for k in counts] == [1] + [0] * (W - 1)
     assert [k["share"] for k in counts] == [1] + [0] * (W - 1)
     assert [k["dummies"] for k in counts] == [0] + [1] * (W - 1)
     update, _ = tiny.reference_update(tiny.cfg(["privacy.expected_batch_size=1"]), state, step=info["step"], expected=1)

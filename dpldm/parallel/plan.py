@@ -76,11 +76,12 @@ def resolve_plan(cfg: RunConfig, num_examples: int, world_size: int, zero_stage:
     q = p.sample_rate if p.sample_rate is not None else p.expected_batch_size / num_examples
     expected = q * num_examples
     chunks = math.ceil(math.ceil(expected) / p.physical_batch_size)
+    warnings = []
     if world_size > chunks:
-        raise PlanError(f"{world_size} ranks but the expected logical batch q*N = {expected:g} makes only {chunks} "
-                        f"physical chunk(s) of privacy.physical_batch_size={p.physical_batch_size} per step (chunks are "
-                        f"dealt to ranks whole): most ranks would idle; set privacy.physical_batch_size <= "
-                        f"{max(1, int(expected // world_size))}, or use fewer ranks")
+        warnings.append(f"{world_size} ranks but the expected logical batch q*N = {expected:g} makes only {chunks} "
+                        f"physical chunk(s) of privacy.physical_batch_size={p.physical_batch_size} per step (chunks "
+                        f"are dealt to ranks whole): about {world_size - chunks} rank(s) idle each step; set "
+                        f"privacy.physical_batch_size <= {max(1, int(expected // world_size))} to use them all")
     try:
         if p.noise_multiplier is not None:
             sigma = float(p.noise_multiplier)
@@ -112,6 +113,7 @@ def resolve_plan(cfg: RunConfig, num_examples: int, world_size: int, zero_stage:
         "accountant": p.accountant,
         "timesteps_per_example": cfg.diffusion.timesteps_per_example,
         "finetune": cfg.train.finetune,
+        "warnings": warnings,
     }
     if counts is not None:
         frozen_bytes = 4 * counts["frozen"]
@@ -135,7 +137,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         return str(v)
 
     width = max(len(k) for k in plan)
-    return "\n".join(f"  {k:<{width}}  {fmt(v)}" for k, v in plan.items())
+    lines = [f"  {k:<{width}}  {fmt(v)}" for k, v in plan.items() if k != "warnings"]
+    return "\n".join(lines + [f"  warning: {w}" for w in plan.get("warnings", [])])
 
 
 def count_private(cfg: RunConfig, synthetic: int | None = None) -> int:

@@ -49,8 +49,8 @@ def run_logical_step(dp, load_batch: Callable[[torch.Tensor], Any], *, lockstep:
         if after_pass is not None:
             after_pass()
     dp.step()
-    return {"step": step, "share": int(share.numel()), "chunks": len(dp.my_chunks),
-            "passes": dp.passes_per_rank, "dummies": dummies}
+    return {"step": step, "global": int(dp.ledger.plan.indices(step).numel()), "share": int(share.numel()),
+            "chunks": len(dp.my_chunks), "passes": dp.passes_per_rank, "dummies": dummies}
 
 
 def expected_passes(expected_batch: float, world_size: int, physical_batch: int) -> int:

@@ -295,6 +295,11 @@ class Trainer:
         where = (f"{self.ctx.world_size} rank(s) via {self.ctx.launcher}, {self.ctx.backend}, ZeRO stage {self.stage}"
                  if self.ctx.world_size > 1 else "one process")
         private = "" if not tc.not_private else " -- NOT PRIVATE (train.not_private: epsilon reported as inf)"
+        chunks = math.ceil(math.ceil(led.expected_batch_size) / pc.physical_batch_size)
+        if self.ctx.world_size > chunks:
+            logger.info(f"warning: {self.ctx.world_size} ranks but about {chunks} physical chunk(s) per step (q*N = "
+                        f"{led.expected_batch_size:g}, privacy.physical_batch_size={pc.physical_batch_size}): some "
+                        "ranks idle; a smaller physical batch uses them all")
         logger.info(
             f"[finetune] device {describe_device(self.ctx.device)}, precision {tc.precision}, {where}\n"
             f"[finetune] public model {self.init.folder}; private data: {self.data.description}\n"

@@ -23,16 +23,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
 
-from dpldm.diffusion.schedule import DiffusionSchedule  # noqa: E402
 from dpldm.models.autoencoder import Autoencoder  # noqa: E402
 from dpldm.models.selection import apply_finetune  # noqa: E402
 from dpldm.models.unet import UNet  # noqa: E402
 from dpldm.parallel import init_distributed  # noqa: E402
-from dpldm.parallel.runner import make_loss_fn  # noqa: E402
-from dpldm.parallel.state import shared_ledger  # noqa: E402
 from dpldm.parallel.step import run_logical_step  # noqa: E402
 from dpldm.parallel.zero import build_model, is_zero_param, load_ds_config  # noqa: E402
-from dpldm.privacy.dp_step import DPStep, World  # noqa: E402
+from dpldm.privacy.dp_step import World  # noqa: E402
+from dpldm.train.dp_loss import ChunkBatch  # noqa: E402
+from tiny import dp_step, shared_ledger  # noqa: E402
 from dpldm.privacy.noise import GaussianNoise  # noqa: E402
 
 
@@ -43,16 +42,15 @@ def main(out: Path) -> None:
     W, r = ctx.world_size, ctx.rank
     c = tiny.cfg()
     ds = tiny.dataset(c)
-    sched = DiffusionSchedule.from_config(c.diffusion)
-    loss_fn = make_loss_fn(c, sched, ctx.device)
     state = tiny.init_state(c) if ctx.is_main else None
     res: dict = {"world_size": W, "stages": {}}
 
     def load(idx):
         x, y = ds.get_batch(idx)
-        return x, y, idx, 0
+        return ChunkBatch(x, y, idx, 0)
 
-    dummy = (torch.zeros((1, *ds.x.shape[1:])), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), 0)
+    dummy = ChunkBatch(torch.zeros((1, *ds.x.shape[1:])), torch.zeros(1, dtype=torch.int64),
+                       torch.zeros(1, dtype=torch.int64), 0)
 
     for stage in (0, 3):
         sm = build_model(lambda: UNet(c.unet), ctx, load_ds_config(stage, tiny.PHYSICAL),
@@ -60,10 +58,8 @@ def main(out: Path) -> None:
         trainable = sm.trainable()
         ledger = shared_ledger(ctx, c.privacy, tiny.N, seed=tiny.SAMPLING_SEED)
         opt = torch.optim.SGD(list(trainable.values()), lr=1.0)
-        dp = DPStep(sm.module, loss_fn, ledger, noise=tiny.ZeroNoise(), optimizer=opt, world=ctx.world(),
-                    backend="torch")
-        counts = run_logical_step(dp, load, tiny.PHYSICAL, lockstep=sm.lockstep, dummy_batch=dummy,
-                                  after_pass=sm.after_backward)
+        dp = dp_step(sm.module, c, ledger, tiny.ZeroNoise(), opt, ctx.world(), ctx.device)
+        counts = run_logical_step(dp, load, lockstep=sm.lockstep, dummy_batch=dummy, after_pass=sm.after_backward)
         digest = sm.sync_check()
         info = {"counts": ctx.all_gather_object(counts), "digest": digest, "noise_draws": ctx.all_gather_object(dp.noise.draws),
                 "ledger_steps": ledger.steps_done, "replicated_modules": len(sm.replicated)}
@@ -85,9 +81,8 @@ def main(out: Path) -> None:
             # -- aggregated noise: the same model state, same logical step, noisy minus noise-free
             def update(noise, world):
                 led = shared_ledger(ctx, c.privacy, tiny.N, seed=tiny.SAMPLING_SEED)
-                d = DPStep(sm.module, loss_fn, led, noise=noise, optimizer=None, world=world, backend="torch")
-                run_logical_step(d, load, tiny.PHYSICAL, lockstep=sm.lockstep, dummy_batch=dummy,
-                                 after_pass=sm.after_backward)
+                d = dp_step(sm.module, c, led, noise, None, world, ctx.device)
+                run_logical_step(d, load, lockstep=sm.lockstep, dummy_batch=dummy, after_pass=sm.after_backward)
                 return torch.cat([d.update[n].reshape(-1).double() for n in trainable]), led
 
             base, _ = update(tiny.ZeroNoise(), ctx.world())
@@ -112,15 +107,14 @@ def main(out: Path) -> None:
     for _ in range(s1):
         ledger.step()
     trainable = sm.trainable()
-    dp = DPStep(sm.module, loss_fn, ledger, noise=tiny.ZeroNoise(), optimizer=torch.optim.SGD(
-        list(trainable.values()), lr=1.0), world=ctx.world(), backend="torch")
+    dp = dp_step(sm.module, c, ledger, tiny.ZeroNoise(), torch.optim.SGD(list(trainable.values()), lr=1.0),
+                 ctx.world(), ctx.device)
 
     def load_s1(idx):
         x, y = ds.get_batch(idx)
-        return x, y, idx, s1
+        return ChunkBatch(x, y, idx, s1)
 
-    counts = run_logical_step(dp, load_s1, tiny.PHYSICAL, lockstep=sm.lockstep, dummy_batch=dummy,
-                              after_pass=sm.after_backward)
+    counts = run_logical_step(dp, load_s1, lockstep=sm.lockstep, dummy_batch=dummy, after_pass=sm.after_backward)
     res["lockstep"] = {"step": s1, "counts": ctx.all_gather_object(counts), "digest": sm.sync_check()}
     if ctx.is_main:
         torch.save({n: p.detach().clone() for n, p in trainable.items()}, out / f"params_lockstep_w{W}.pt")

@@ -28,7 +28,7 @@ def cfg(extra: list[str] | None = None):
 
 def dataset(c):
     from dpldm.data.loaders import InMemoryDataset
-    from dpldm.parallel.runner import latent_shape
+    from dpldm.train.private_data import latent_shape
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn((N, *latent_shape(c)), generator=g)
@@ -76,7 +76,7 @@ def reference_update(c, state, step: int = 0, expected: int = EXPECTED) -> tuple
     from dpldm.diffusion.schedule import DiffusionSchedule
     from dpldm.models.selection import apply_finetune
     from dpldm.models.unet import UNet
-    from dpldm.parallel.runner import per_example_draws
+    from dpldm.train.draws import per_example_draws
     from dpldm.privacy.sampler import PoissonPlan
 
     unet = UNet(c.unet)
@@ -113,3 +113,28 @@ def first_step_with(size: int, expected: int, limit: int = 500) -> int:
         if plan.indices(s).numel() == size:
             return s
     raise AssertionError(f"no step with {size} examples in the first {limit}")
+
+
+def shared_ledger(ctx, privacy_cfg, num_examples: int, seed: int):
+    """The trainer's rule: the ledger is made on rank 0 and every rank gets its state."""
+    from dpldm.privacy.accountant import PrivacyLedger
+
+    return PrivacyLedger.from_state_dict(
+        ctx.on_main(lambda: PrivacyLedger.from_config(privacy_cfg, num_examples, seed=seed).state_dict()))
+
+
+def loss_fn(c, device):
+    """The trainer's per-example loss (scale 1: the tiny latents are used as they are)."""
+    from dpldm.diffusion.schedule import DiffusionSchedule
+    from dpldm.train.dp_loss import DiffusionDPLoss
+
+    return DiffusionDPLoss(DiffusionSchedule.from_config(c.diffusion), scale_factor=1.0,
+                           timesteps_per_example=c.diffusion.timesteps_per_example,
+                           cond_drop_prob=c.diffusion.cond_drop_prob, seed=c.train.seed, device=device)
+
+
+def dp_step(module, c, ledger, noise, optimizer, world, device):
+    from dpldm.privacy.dp_step import DPStep
+
+    return DPStep(module, loss_fn(c, device), ledger, noise=noise, optimizer=optimizer, world=world, backend="torch",
+                  physical_batch_size=PHYSICAL, acc_dtype=torch.float64)
