@@ -64,12 +64,27 @@ def _grey(seed: int = 0, shape=(16, 16)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-def _folder(case: Path, classes: dict[str, list[np.ndarray]], name: str = "imgs") -> Path:
+def _folder(case: Path, classes: dict[str, list[np.ndarray]], loose: list[np.ndarray] = (), name: str = "imgs") -> Path:
+    """case/name/<class>/<j>.png for every class, and `loose` images directly in case/name."""
     for c, arrays in classes.items():
         for j, a in enumerate(arrays):
             _png(case / name / c / f"{j}.png", a)
-    (case / name).mkdir(exist_ok=True)
+    for j, a in enumerate(loose):
+        _png(case / name / f"loose{j}.png", a)
     return case / name
+
+
+def _file(path: Path, text: str = "mine") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _palette_folder(case: Path) -> Path:
+    path = case / "imgs" / "0" / "p.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.stack([_grey(1)] * 3, -1)).quantize(4).save(path)
+    return case / "imgs"
 
 
 def _npz(case: Path, name: str = "x.npz", n: int = 20, seed: int = 0) -> Path:
@@ -194,18 +209,18 @@ ROWS = [
     Row("import-out-contains-npz", "`data import --out` the folder holding the `--source` .npz",
         lambda e, c: _imp(_npz(c, "d/x.npz"), c / "d", "--overwrite"), "contains the input --source"),
     Row("import-out-is-file", "`data import --out` an existing file",
-        lambda e, c: (c / "f.txt").write_text("mine") and _imp(_npz(c), c / "f.txt", "--overwrite"),
+        lambda e, c: _imp(_npz(c), _file(c / "f.txt"), "--overwrite"),
         "is a file, not a folder"),
     Row("encode-out-is-file", "`data encode --out` an existing file",
-        lambda e, c: (c / "f.txt").write_text("mine") and _enc(e, e.images, c / "f.txt"), "is a file, not a folder"),
+        lambda e, c: _enc(e, e.images, _file(c / "f.txt")), "is a file, not a folder"),
     Row("import-out-under-a-file", "`data import --out` below an existing file",
-        lambda e, c: (c / "f.txt").write_text("mine") and _imp(_npz(c), c / "f.txt" / "sub"), "f.txt is a file"),
+        lambda e, c: _imp(_npz(c), _file(c / "f.txt") / "sub"), "f.txt is a file"),
     Row("import-out-foreign-folder", "`data import --out` a non-empty folder dpldm did not write, `--overwrite`",
-        lambda e, c: (c / "out").mkdir() or (c / "out" / "notes.txt").write_text("mine") and
-        _imp(_npz(c), c / "out", "--overwrite"), "is not empty and was not written by dpldm (it holds 'notes.txt')"),
+        lambda e, c: _imp(_npz(c), _file(c / "out" / "notes.txt").parent, "--overwrite"),
+        "is not empty and was not written by dpldm (it holds 'notes.txt')"),
     Row("import-out-foreign-manifest", "`data import --out` a folder with someone else's manifest.json",
-        lambda e, c: (c / "out").mkdir() or (c / "out" / "manifest.json").write_text("{}") and
-        _imp(_npz(c), c / "out", "--overwrite"), "not a manifest written by dpldm"),
+        lambda e, c: _imp(_npz(c), _file(c / "out" / "manifest.json", "{}").parent, "--overwrite"),
+        "not a manifest written by dpldm"),
     Row("import-out-other-dataset", "`data import` into a dpldm folder of another dataset, no `--overwrite`",
         _other_dataset, "already holds a different dataset"),
     Row("import-out-unwritable", "`data import --out` in a folder the user cannot write",
@@ -223,15 +238,14 @@ ROWS = [
         lambda e, c: ["data", "inspect", str(e.images), "--grid", str(_png(c / "mine.png", _A))],
         "was not written by `dpldm data inspect`"),
     Row("inspect-grid-under-a-file", "`data inspect --grid` below an existing file",
-        lambda e, c: (c / "f.txt").write_text("x") and ["data", "inspect", str(e.images), "--grid", str(c / "f.txt" / "g.png")],
+        lambda e, c: ["data", "inspect", str(e.images), "--grid", str(_file(c / "f.txt") / "g.png")],
         "f.txt is a file"),
     # image folders
     Row("import-mixed-modes", "image folder with a greyscale and an RGB image, no `--mode`",
         lambda e, c: _imp(_folder(c, {"0": [_A], "1": [np.stack([_B] * 3, -1)]}), c / "out"),
         "images of different modes"),
     Row("import-palette-needs-mode", "image folder of palette images, no `--mode`",
-        lambda e, c: (_folder(c, {}), Image.fromarray(np.stack([_A] * 3, -1)).quantize(4).save(_png(c / "imgs" / "0" / "p.png", _A)))
-        and _imp(c / "imgs", c / "out"), "is a palette image: pass --mode"),
+        lambda e, c: _imp(_palette_folder(c), c / "out"), "is a palette image: pass --mode"),
     Row("import-sizes-differ", "image folder with 16x16 and 12x16 images, no `--resize`",
         lambda e, c: _imp(_folder(c, {"0": [_A], "1": [_grey(3, (12, 16))]}), c / "out"), "images of different sizes"),
     Row("import-resize-not-square", "`--resize 8` of a non-square image without `--center-crop`",
@@ -242,11 +256,10 @@ ROWS = [
     Row("import-duplicate-integer-labels", "class folders `7` and `07`",
         lambda e, c: _imp(_folder(c, {"7": [_A], "07": [_B]}), c / "out"), "are the same label 7"),
     Row("import-image-beside-class-folders", "an image next to the class folders",
-        lambda e, c: _png(c / "imgs" / "stray.png", _A) and _imp(_folder(c, {"0": [_A]}), c / "out"),
-        "stray.png: an image directly in the folder"),
+        lambda e, c: _imp(_folder(c, {"0": [_A]}, loose=[_A]), c / "out"),
+        "loose0.png: an image directly in the folder"),
     Row("import-unreadable-image", "a `.png` that is not an image",
-        lambda e, c: (_folder(c, {"0": [_A]}), (c / "imgs" / "0" / "bad.png").write_bytes(b"nope")) and
-        _imp(c / "imgs", c / "out"), "bad.png: unreadable image"),
+        lambda e, c: _imp(_file(c / "imgs" / "0" / "bad.png", "nope").parents[1], c / "out"), "bad.png: unreadable image"),
     Row("import-float-image", "a 32-bit float TIFF in an image folder",
         lambda e, c: _imp(_tiff(c, np.full((8, 8), 0.5, np.float32), "F"), c / "out"), "image mode 'F' is not supported"),
     Row("import-32bit-values", "a 32-bit integer TIFF with values above 65535",
@@ -258,8 +271,7 @@ ROWS = [
     Row("import-shard-folder-as-source", "a shard folder given as the image folder `--source`",
         lambda e, c: _imp(_copy_images(e, c), c / "out"), "a shard folder (it holds manifest.json), not an image folder"),
     Row("import-empty-class-folders", "class folders without any image",
-        lambda e, c: (c / "imgs" / "0").mkdir(parents=True) or (c / "imgs" / "0" / "r.txt").write_text("x") and
-        _imp(c / "imgs", c / "out"), "no images (.bmp"),
+        lambda e, c: _imp(_file(c / "imgs" / "0" / "readme.txt").parents[1], c / "out"), "no images (.bmp"),
     # devices
     Row("encode-device-missing", "`data encode --device cuda:99`",
         lambda e, c: _enc(e, e.images, c / "out", "--device", "cuda:99"), "--device=cuda:99"),
@@ -295,9 +307,9 @@ ROWS = [
         lambda e, c: ["evaluate", "--samples", str(_folder(c, {"0": [_A], "1": [np.stack([_B] * 3, -1)]})), "--no-fid",
                       "--real-test", str(e.private)], "images of different modes"),
     Row("evaluate-images-beside-class-folders", "`evaluate --samples` PNGs both loose and in class folders",
-        lambda e, c: _png(c / "imgs" / "a.png", _A) and ["evaluate", "--samples", str(_folder(c, {"0": [_B]})),
-                                                          "--no-fid", "--real-test", str(e.private)],
-        "both directly in the folder"),
+        lambda e, c: ["evaluate", "--samples", str(_folder(c, {"0": [_B]}, loose=[_A])), "--no-fid",
+                      "--real-test", str(e.private)],
+        "both directly in the folder (loose0.png)"),
 ]
 
 
