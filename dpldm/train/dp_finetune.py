@@ -280,6 +280,7 @@ class Trainer:
                           scheduler=self.scheduler)
         self.model.sync_check()
         self.resumed_from = str(resumed[2]) if resumed is not None else None
+        self.saved_by = resumed[1]["world_size"] if resumed is not None else None
 
     def _start_logger(self):
         from dpldm.models.selection import count_parameters
@@ -315,8 +316,8 @@ class Trainer:
             f"warm-up {tc.warmup_steps}, EMA {tc.ema_decay}, noise {self.dp.noise.mode}, seeds "
             f"{'from train.seed (deterministic)' if tc.deterministic else 'from the OS (secret)'}"
             + (f"\n[finetune] resumed from {self.resumed_from} at step {led.steps_done} (epsilon spent "
-               f"{led.epsilon_spent():.4g}); changed since: {self.history[-1]['changed'] or 'nothing'}"
-               if self.resumed_from else ""))
+               f"{led.epsilon_spent():.4g}; saved by {self.saved_by} rank(s), now {self.ctx.world_size}); changed "
+               f"since: {self.history[-1]['changed'] or 'nothing'}" if self.resumed_from else ""))
         return logger
 
     # -- the loop ---------------------------------------------------------------------------------------
