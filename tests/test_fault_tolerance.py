@@ -1,7 +1,9 @@
 """Fault tolerance of `dpldm finetune`, through real subprocesses (`python -m dpldm finetune`):
 
-* SIGTERM (SLURM preemption) mid-run: the logical step finishes, a checkpoint is written, exit 0;
-  `--resume` finishes, and the final weights and epsilon equal an uninterrupted run;
+* SIGTERM (SLURM preemption) or SIGINT (Ctrl-C) mid-run: the logical step finishes, a checkpoint is
+  written, exit 0 with a line saying how to resume; `--resume` finishes, and the final weights and
+  the accounted epsilon equal an uninterrupted run; a second trainer started on the same run
+  folder meanwhile exits 2 at once (the folder is locked) and changes nothing;
 * SIGKILL mid-step: `--resume` continues from the last checkpoint (ledger included), same result;
 * a corrupt newest checkpoint (truncated safetensors): resume falls back to the one before it
   with a warning naming it, same result;
@@ -9,7 +11,9 @@
   renamed into place) and only the newest `train.keep_checkpoints` are kept.
 
 The reference is an uninterrupted subprocess run of the same deterministic recipe
-(`train.deterministic=true`: Poisson plan and noise seeded from the config, one thread)."""
+(`train.deterministic=true` + `train.not_private=true`: Poisson plan, diffusion draws and noise
+seeded from the config, one thread; such runs report epsilon = inf and keep the accountant's
+number as `epsilon_if_noise_were_secret`)."""
 import json
 import os
 import signal
@@ -26,7 +30,7 @@ from dpldm.checkpoint import (CheckpointError, list_step_checkpoints, load_check
                               save_step_checkpoint)
 from dpldm.config import load_config
 from dpldm.models.ldm import LatentDiffusion, save_ldm
-from dpldm.privacy.accountant import compute_epsilon
+from dpldm.privacy.accountant import PrivacyLedger, compute_epsilon
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SIGMA, Q, DELTA = 8, 1.0, 8 / 40, 1e-3
@@ -39,7 +43,8 @@ RUN = [
     "privacy.expected_batch_size=8", f"privacy.steps={STEPS}", f"privacy.noise_multiplier={SIGMA}",
     f"privacy.delta={DELTA}", "privacy.accountant=\"rdp\"", "privacy.physical_batch_size=4",
     "privacy.max_grad_norm=0.5", "train.lr=1e-3", "train.threads=1", "train.log_every=100",
-    "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.deterministic=true", "train.ema_decay=0.5",
+    "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.deterministic=true", "train.not_private=true",
+    "train.ema_decay=0.5",
 ]
 TIMEOUT = 600
 
@@ -105,8 +110,9 @@ def _assert_same_as_reference(run_dir, reference):
     diff = [k for k in ref_t if not torch.equal(ref_t[k], t[k])]
     assert not diff, f"{len(diff)} tensors differ from the uninterrupted run, e.g. {diff[:3]}"
     assert p["steps"] == ref_p["steps"] == STEPS
-    assert p["epsilon"] == ref_p["epsilon"]
-    assert p["epsilon"] == pytest.approx(compute_epsilon(SIGMA, Q, STEPS, DELTA, "rdp"), rel=1e-12)
+    assert p["epsilon_if_noise_were_secret"] == ref_p["epsilon_if_noise_were_secret"]
+    assert p["epsilon_if_noise_were_secret"] == pytest.approx(compute_epsilon(SIGMA, Q, STEPS, DELTA, "rdp"), rel=1e-12)
+    assert p["epsilon"] == float("inf")  # seeded: not private
 
 
 def _wait_for_checkpoint(p, run_dir, step):
@@ -132,27 +138,49 @@ def test_uninterrupted_run_keeps_only_the_last_checkpoints(world, reference):
     assert not list(run_dir.rglob("*.tmp"))  # no temporary file left behind
 
 
-def test_sigterm_checkpoints_exits_zero_and_resume_matches(world, reference):
-    run_dir = world["root"] / "sigterm"
+def _result(log):
+    line = [ln for ln in log.splitlines() if ln.startswith("RESULT_JSON ")][-1]
+    return json.loads(line[len("RESULT_JSON "):])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_checkpoints_exits_zero_and_resume_matches(world, reference, sig):
+    run_dir = world["root"] / sig.name
     p = _start(world, run_dir)
     _wait_for_checkpoint(p, run_dir, 1)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     rc, log = _finish(p)
     assert rc == 0, log[-3000:]
-    assert "preemption signal" in log
+    assert f"({sig.name}); checkpoint written. Resume with the same command plus --resume" in log
     done = _steps(run_dir)
     assert done and max(done) < STEPS, f"the run was not interrupted: {done}"
     assert not (run_dir / "model").exists()  # no final model from an unfinished run
     _, meta = load_checkpoint(list_step_checkpoints(run_dir)[-1])
-    k = meta["privacy_ledger"]["steps_done"]
+    k = meta["privacy"]["ledger"]["steps_done"]
     assert k == max(done) == meta["step"]
-    assert meta["epsilon_spent"] == pytest.approx(compute_epsilon(SIGMA, Q, k, DELTA, "rdp"), rel=1e-12)
-    report = json.loads(log[log.rindex("\n{\n") + 1:])  # the privacy report printed last
-    assert report["steps"] == k and report["epsilon"] == pytest.approx(meta["epsilon_spent"], rel=1e-12)
+    spent = PrivacyLedger.from_state_dict(meta["privacy"]["ledger"]).epsilon_spent()
+    assert spent == pytest.approx(compute_epsilon(SIGMA, Q, k, DELTA, "rdp"), rel=1e-12)
+    result = _result(log)
+    assert result["steps_done"] == k and result["stop_reason"] == sig.name and not result["finished"]
+    assert result["privacy"]["epsilon_if_noise_were_secret"] == pytest.approx(spent, rel=1e-12)
 
     rc, log = _run(world, run_dir, "--resume")
     assert rc == 0, log[-3000:]
     _assert_same_as_reference(run_dir, reference)
+
+
+def test_second_trainer_on_a_busy_run_folder_exits_2_and_changes_nothing(world):
+    run_dir = world["root"] / "busy"
+    p = _start(world, run_dir, "--set", "privacy.steps=100000", "--set", "privacy.epsilon=1e9")  # runs until stopped
+    try:
+        _wait_for_checkpoint(p, run_dir, 1)
+        rc2, log2 = _run(world, run_dir, "--resume", "--set", "privacy.steps=100000", "--set", "privacy.epsilon=1e9")
+        assert rc2 == 2 and "in use by another dpldm run (pid" in log2 and "Traceback" not in log2, log2[-2000:]
+        assert p.poll() is None  # the first run goes on
+    finally:
+        p.send_signal(signal.SIGTERM)
+    rc, log = _finish(p)
+    assert rc == 0 and "(SIGTERM); checkpoint written" in log, log[-3000:]
 
 
 def test_sigkill_mid_step_then_resume_matches(world, reference):
@@ -165,7 +193,7 @@ def test_sigkill_mid_step_then_resume_matches(world, reference):
     done = _steps(run_dir)
     assert 2 <= max(done) < STEPS
     found = load_latest_checkpoint(run_dir)
-    assert found is not None and found[1]["privacy_ledger"]["steps_done"] == max(done)
+    assert found is not None and found[1]["privacy"]["ledger"]["steps_done"] == max(done)
 
     rc, log = _run(world, run_dir, "--resume")
     assert rc == 0, log[-3000:]
