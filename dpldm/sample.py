@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -162,31 +159,18 @@ def write_npz(path: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str
             np.savez(f, images=images, labels=labels.astype(np.int64), meta_json=np.array(json.dumps(meta)))
 
 
-def write_png_dir(folder: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
+def write_png_dir(folder: Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, Any],
+                  overwrite: bool = False) -> None:
     """CLASS/NNNNNN.png + samples.json, built in a hidden temporary folder and renamed into place."""
     from PIL import Image
 
-    from dpldm.utils.io import fsync_dir
+    from dpldm.interop.atomic_dir import atomic_dir
 
-    folder = folder.resolve()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
         for i, (img, y) in enumerate(zip(images, labels)):
             (tmp / str(int(y))).mkdir(exist_ok=True)
             Image.fromarray(img).save(tmp / str(int(y)) / f"{i:06d}.png", format="PNG")
         (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if folder.exists():  # --overwrite (checked): move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -232,6 +216,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "npz":
         write_npz(out, to_uint8(images), labels.numpy(), meta)
     else:
-        write_png_dir(out, to_uint8(images), labels.numpy(), meta)
+        write_png_dir(out, to_uint8(images), labels.numpy(), meta, overwrite=args.overwrite)
     print(f"dpldm sample: wrote {len(labels)} samples -> {out}")
     return 0

@@ -94,9 +94,18 @@ def save_autoencoder(folder: str | Path, ae: Autoencoder, cfg: RunConfig, extra:
     return save_checkpoint(folder, prefixed("ae", ae.state_dict()), meta)
 
 
+def _is_diffusers_folder(folder: Path) -> bool:
+    """A folder written by `dpldm export --format diffusers` (unet/, vae/, ...; no meta.json)."""
+    return (folder / "unet" / "config.json").is_file() and not (folder / "meta.json").is_file()
+
+
 def load_autoencoder(folder: str | Path) -> tuple[Autoencoder, RunConfig, dict[str, Any]]:
-    """An autoencoder from an "autoencoder" or "ldm" folder (or a run folder with `model/`)."""
+    """An autoencoder from an "autoencoder" or "ldm" folder (or a run folder with `model/`, or a
+    diffusers folder)."""
     folder = _model_folder(folder)
+    if _is_diffusers_folder(folder):
+        ldm = load_ldm(folder)
+        return ldm.ae, ldm.cfg, ldm.meta
     tensors, meta = load_checkpoint(folder)
     if meta.get("kind") not in ("autoencoder", "ldm"):
         raise CheckpointError(f"{folder}: kind {meta.get('kind')!r} holds no autoencoder")
@@ -115,8 +124,13 @@ def save_ldm(folder: str | Path, ldm: LatentDiffusion, extra: dict[str, Any] | N
 
 
 def load_ldm(folder: str | Path) -> LatentDiffusion:
-    """Load a folder written by `save_ldm` (or a run folder with `model/`); eval mode, on CPU."""
+    """Load a folder written by `save_ldm` (or a run folder with `model/`, or a diffusers folder
+    written by `dpldm export --format diffusers`: dpldm.interop.diffusers_folder); eval mode, on CPU."""
     folder = _model_folder(folder)
+    if _is_diffusers_folder(folder):
+        from dpldm.interop.diffusers_folder import load_diffusers
+
+        return load_diffusers(folder)
     tensors, meta = load_checkpoint(folder)
     if meta.get("kind") != "ldm":
         raise CheckpointError(f"{folder}: expected an LDM checkpoint (kind 'ldm'), got {meta.get('kind')!r}")
