@@ -1,26 +1,42 @@
-"""Benchmark one DP-SGD step on the demo UNet with attention fine-tuning, side by side:
+"""Benchmark one DP-SGD step with attention fine-tuning, side by side:
 
-    nonprivate    loss.mean().backward(); AdamW step
-    dpldm         DPStep: book-keeping clipping (one forward, one backward), one noise draw, AdamW
-    opacus_hooks  Opacus 1.6 GradSampleModule (hooks: per-example grads materialised) + DPOptimizer
-    opacus_ghost  Opacus 1.6 ghost clipping (two backward passes) + DPOptimizerFastGradientClipping
+    nonprivate     loss.mean().backward(); AdamW step
+    dpldm          DPStep: book-keeping clipping (one forward, one backward), one noise draw, AdamW;
+                   kernels by the fixed rule (backend/norm_method "auto", no selector)
+    dpldm_measured the same with a KernelSelector: each layer shape's kernels timed once (first step)
+    dpldm_<b>      the same with every kernel on backend b (torch, cpp, triton, cuda: those available)
+    opacus_hooks   Opacus 1.6 GradSampleModule (hooks: per-example grads materialised) + DPOptimizer
+    opacus_ghost   Opacus 1.6 ghost clipping (two backward passes) + DPOptimizerFastGradientClipping
 
-    python bench/dp_step.py --quick --json    # batch 64, one round: ONE JSON object on stdout
-    python bench/dp_step.py                   # physical batch 64 and 256, writes docs/benchmarks.md
+    python bench/dp_step.py --quick --json          # CPU: demo UNet, batch 64, fp32, 4 variants: one JSON line
+    python bench/dp_step.py                         # CPU: batch 64 and 256, writes docs/benchmarks.md "## DP step"
+    python bench/dp_step.py --device cuda --quick   # GPU: demo b=256 + CelebA64 b=32, fp32 + bf16 (~2-3 min)
+    python bench/dp_step.py --device cuda --model demo celeba64 --precision fp32 bf16 --batches 64 256 --doc
 
-Every variant runs in a fresh subprocess (same model, data, seed, thread count), so peak memory
-is that process's own: peak_mem_mb = peak RSS (ru_maxrss) minus the RSS just before the first
-step (model, optimizer and batch already built): the memory the step itself needs on top of the
-model. Step time = median over the timed steps after one warm-up step of the process's CPU time
-(user + system; one thread, so on an idle machine it equals wall time, and on a machine shared
-with other jobs it leaves out the time the scheduler gave to them); wall time is reported beside
-it. With several rounds the variants are interleaved and the fastest round's median is kept.
-The same per-example loss (dpldm.diffusion.loss.per_example_loss, K=1, fixed t and noise) feeds
-every variant; clip norm C=1, sigma=1.
+Models: demo (configs/demo.toml, finetune attention:all) and celeba64 (the paper UNet of
+configs/paper/celeba64_from_imagenet64.toml, 117M parameters, attention 9-16 trainable). The same
+per-example loss (dpldm.diffusion.loss.per_example_loss, K=1, fixed t and noise) feeds every
+variant; C=1, sigma=1, AdamW. bf16 = the forward and backward under torch.autocast(bf16) with
+fp32 parameters (the DP engine keeps fp32 norms, clipping factors, sums and noise).
+
+FLOPs per example (forward + backward with the frozen weights' gradients skipped) are counted by
+torch.utils.flop_counter.FlopCounterMode on a meta-device copy of the model (no memory, no
+time); "bound" = examples/s if the chip ran those FLOPs at --peak-tflops (default 790 TFLOP/s,
+the bf16 dense figure of the issue, on H100/H200); "of bound" = measured examples/s / bound.
+
+CPU (unchanged protocol): every variant in a fresh subprocess; time = median process CPU time
+of the timed steps after one warm-up; memory = peak RSS minus the RSS before the first step.
+CUDA: all variants in one process, one after another on a fresh copy of the model; time =
+median wall time per step (torch.cuda.synchronize around each) after 2 warm-up steps (Triton
+compilation, autotuning and the selector's measurements happen there); memory =
+torch.cuda.max_memory_allocated during the timed steps minus the memory allocated before them.
+A variant that fails (e.g. out of memory, or Opacus under autocast) is reported with its error.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import json
 import os
 import resource
@@ -31,25 +47,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("nonprivate", "dpldm", "opacus_hooks", "opacus_ghost")
+sys.path.insert(0, str(ROOT))
+CPU_VARIANTS = ("nonprivate", "dpldm", "opacus_hooks", "opacus_ghost")
+MODELS = {"demo": "configs/demo.toml", "celeba64": "configs/paper/celeba64_from_imagenet64.toml"}
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## DP step"
+GPU_SECTION = "## DP step on GPU"
+PAPER_GFLOP = 37.4  # the issue's figure for the CelebA64 UNet; the counted value is checked against it
 
 
 # ----------------------------------------------------------------------------------------------
-# child: one variant, one process
+# model, data, FLOPs
 # ----------------------------------------------------------------------------------------------
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _build(batch: int, config: str):
+def _build(batch: int, config: str, device="cpu"):
     import torch
 
     from dpldm.config import load_config
@@ -65,7 +75,8 @@ def _build(batch: int, config: str):
             if p.dim() > 1 and float(p.abs().max()) == 0:
                 p.normal_(0, 0.02)
     trainable = apply_finetune(unet, cfg.train.finetune)
-    schedule = DiffusionSchedule.from_config(cfg.diffusion)
+    unet.to(device)
+    schedule = DiffusionSchedule.from_config(cfg.diffusion)  # its tables follow t's device
     f = cfg.autoencoder.downsample_factor
     h = cfg.data.image_size // f
     g = torch.Generator().manual_seed(1)
@@ -75,29 +86,60 @@ def _build(batch: int, config: str):
         "t": torch.randint(0, cfg.diffusion.timesteps, (batch,), generator=g),
         "noise": torch.randn(batch, cfg.unet.in_channels, h, h, generator=g),
     }
+    data = {k: v.to(device) for k, v in data.items()}
     return cfg, unet, schedule, data, trainable
 
 
-def _loss_fn(schedule, data):
+def _loss_fn(schedule, data, precision: str = "fp32"):
+    import torch
+
     from dpldm.diffusion.loss import per_example_loss
 
-    def loss_fn(model, idx):  # idx: indices into the fixed batch -> (B,)
-        return per_example_loss(model, data["z0"][idx], data["y"][idx], schedule, K=1, t=data["t"][idx],
-                                noise=data["noise"][idx])
+    dev = data["z0"].device.type
+
+    def loss_fn(model, idx):  # idx: indices into the fixed batch -> (B,) fp32
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = per_example_loss(model, data["z0"][idx], data["y"][idx], schedule, K=1, t=data["t"][idx],
+                                   noise=data["noise"][idx])
+        return out.float()
     return loss_fn
 
 
-def run_child(variant: str, batch: int, steps: int, threads: int, config: str) -> dict:
+def flops_per_example(config: str) -> float:
+    """FLOPs of one example's forward + backward (frozen weights get no weight gradient), counted
+    by FlopCounterMode on a meta-device model."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dpldm.config import load_config
+    from dpldm.models.selection import apply_finetune
+    from dpldm.models.unet import UNet
+
+    cfg = load_config(ROOT / config)
+    with torch.device("meta"):
+        unet = UNet(cfg.unet)
+    apply_finetune(unet, cfg.train.finetune)
+    h = cfg.data.image_size // cfg.autoencoder.downsample_factor
+    B = 2
+    with torch.device("meta"):
+        z = torch.randn(B, cfg.unet.in_channels, h, h)
+        t = torch.zeros(B, dtype=torch.long)
+        y = torch.zeros(B, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(z, t, y).pow(2).mean().backward()
+    return counter.get_total_flops() / B
+
+
+# ----------------------------------------------------------------------------------------------
+# variants: each returns step() on its own copy of the model
+# ----------------------------------------------------------------------------------------------
+def make_step(variant: str, unet, loss_fn, batch: int, device, extra: dict):
     import torch
 
-    torch.set_num_threads(threads)
-    cfg, unet, schedule, data, trainable = _build(batch, config)
-    loss_fn = _loss_fn(schedule, data)
-    idx_all = torch.arange(batch)
     params = [p for p in unet.parameters() if p.requires_grad]
     C, sigma = 1.0, 1.0
-    extra: dict = {}
-
+    idx_all = torch.arange(batch, device=device)
     if variant == "nonprivate":
         opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -105,33 +147,45 @@ def run_child(variant: str, batch: int, steps: int, threads: int, config: str) -
             loss_fn(unet, idx_all).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-
-    elif variant == "dpldm":
+        return step
+    if variant.startswith("dpldm"):
         from dpldm.privacy import DPStep, GaussianNoise, PoissonPlan, PrivacyLedger
 
+        backend = variant.split("_", 1)[1] if variant.count("_") and variant != "dpldm_measured" else "auto"
         # q = 1 over N = batch: the Poisson sample is the whole fixed batch (a fixed-size timing)
         ledger = PrivacyLedger(noise_multiplier=sigma, max_grad_norm=C, plan=PoissonPlan(batch, 1.0, 0), delta=1e-5)
         opt = torch.optim.AdamW(params, lr=1e-4)
-        dp = DPStep(unet, loss_fn, ledger, noise=GaussianNoise(seed=0), optimizer=opt,
-                    norm_method=cfg.privacy.norm_method, backend=cfg.privacy.backend)
-        eng = dp.engine
-        clip_time = [0.0]
-        orig = eng._clip_and_sum
+        kw = dict(noise=GaussianNoise(seed=0), optimizer=opt, norm_method="auto", backend=backend)
+        selector = None
+        if variant == "dpldm_measured":
+            from dpldm.kernels.selection import KernelSelector
 
-        def timed(*a, **k):  # norms + clipped sums (after the backward), CPU time
-            t0 = time.process_time()
+            selector = KernelSelector(batch, repeats=3)
+            if "selector" in inspect.signature(DPStep).parameters:
+                kw["selector"] = selector
+        dp = DPStep(unet, loss_fn, ledger, **kw)
+        if selector is not None and dp.engine.selector is None:
+            dp.engine.selector = selector  # DPStep without the selector= keyword: set it on its engine
+        extra["engine"], extra["selector"] = dp.engine, selector
+        eng = dp.engine
+        orig = eng._clip_and_sum
+        extra["clip_time"] = [0.0]
+
+        def timed(*a, **k):  # norms + clipped sums (after the backward)
+            _sync(device)
+            t0 = time.perf_counter() if device.type == "cuda" else time.process_time()
             out = orig(*a, **k)
-            clip_time[0] += time.process_time() - t0
+            _sync(device)
+            extra["clip_time"][0] += (time.perf_counter() if device.type == "cuda" else time.process_time()) - t0
             return out
         eng._clip_and_sum = timed
 
         def step():
             idx = dp.begin_step()
-            dp.accumulate(idx)
+            dp.accumulate(idx.to(device))
             dp.step()
-        extra["clip_phase"] = clip_time
-
-    elif variant == "opacus_hooks":
+        return step
+    if variant == "opacus_hooks":
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -144,8 +198,8 @@ def run_child(variant: str, batch: int, steps: int, threads: int, config: str) -
             loss_fn(gsm, idx_all).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-
-    elif variant == "opacus_ghost":
+        return step
+    if variant == "opacus_ghost":
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -160,51 +214,87 @@ def run_child(variant: str, batch: int, steps: int, threads: int, config: str) -
             DPTensorFastGradientClipping(gsm, opt, loss_fn(gsm, idx_all), "sum").backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    else:
-        raise SystemExit(f"unknown variant {variant!r}")
+        return step
+    raise SystemExit(f"unknown variant {variant!r}")
 
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _engine_report(extra: dict, out: dict) -> None:
+    if "engine" in extra:
+        eng = extra["engine"]
+        counts: dict[str, int] = {}
+        for ops in eng.kernels_used.values():
+            for name in ops.values():
+                counts[name] = counts.get(name, 0) + 1
+        out["kernels_used"] = counts
+        out["norm_methods"] = dict(eng.methods)
+    if extra.get("selector") is not None:
+        out["selection"] = extra["selector"].summary()
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: one variant per subprocess (peak RSS is that process's own)
+# ----------------------------------------------------------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_child(variant: str, batch: int, steps: int, threads: int, config: str, precision: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    cfg, unet, schedule, data, _ = _build(batch, config)
+    extra: dict = {}
+    step = make_step(variant, unet, _loss_fn(schedule, data, precision), batch, device, extra)
+    params = [p for p in unet.parameters() if p.requires_grad]
     base_rss = _rss_mb()
-    times, walls = [], []
+    times, walls, clips = [], [], []
     for i in range(steps + 1):
-        if "clip_phase" in extra:
-            extra["clip_phase"][0] = 0.0
+        if "clip_time" in extra:
+            extra["clip_time"][0] = 0.0
         c0, t0 = time.process_time(), time.perf_counter()
         step()
         dc, dt = time.process_time() - c0, time.perf_counter() - t0
         if i:  # step 0 is the warm-up
             times.append(dc)
             walls.append(dt)
-            if "clip_phase" in extra:
-                extra.setdefault("clip_times", []).append(extra["clip_phase"][0])
-    out = {"variant": variant, "batch": batch, "threads": threads, "step_time_s": statistics.median(times),
-           "step_times_s": times, "wall_time_s": statistics.median(walls),
-           "peak_mem_mb": _maxrss_mb() - base_rss, "peak_rss_mb": _maxrss_mb(),
-           "base_rss_mb": base_rss, "trainable_params": sum(p.numel() for p in params),
-           "total_params": sum(p.numel() for p in unet.parameters())}
-    if "clip_times" in extra:
-        out["clip_phase_s"] = statistics.median(extra["clip_times"])
-        out["norm_methods"] = dict(dp.engine.methods)
+            if "clip_time" in extra:
+                clips.append(extra["clip_time"][0])
+    out = {"variant": variant, "batch": batch, "threads": threads, "precision": precision,
+           "step_time_s": statistics.median(times), "step_times_s": times, "wall_time_s": statistics.median(walls),
+           "peak_mem_mb": _maxrss_mb() - base_rss, "peak_rss_mb": _maxrss_mb(), "base_rss_mb": base_rss,
+           "trainable_params": sum(p.numel() for p in params), "total_params": sum(p.numel() for p in unet.parameters())}
+    if clips:
+        out["clip_phase_s"] = statistics.median(clips)
+    _engine_report(extra, out)
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# parent: interleave fresh processes
-# ----------------------------------------------------------------------------------------------
-
-def measure(batch: int, steps: int, rounds: int, threads: int, config: str, log) -> dict[str, dict]:
+def measure_cpu(batch, steps, rounds, threads, config, precision, variants, log) -> dict[str, dict]:
     best: dict[str, dict] = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     for r in range(rounds):
-        for v in VARIANTS:
+        for v in variants:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", v, "--batch", str(batch),
-                   "--steps", str(steps), "--threads", str(threads), "--config", config]
+                   "--steps", str(steps), "--threads", str(threads), "--config", config, "--precision", precision]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if p.returncode != 0:
                 raise SystemExit(f"bench child {v} (batch {batch}) failed:\n{p.stderr[-4000:]}")
             res = json.loads(p.stdout.strip().splitlines()[-1])
             log(f"  round {r + 1}/{rounds} batch {batch} {v:13s} step {res['step_time_s']:.3f} s cpu "
-                f"({res['wall_time_s']:.3f} s wall)  "
-                f"peak +{res['peak_mem_mb']:.0f} MB")
+                f"({res['wall_time_s']:.3f} s wall)  peak +{res['peak_mem_mb']:.0f} MB")
             if v not in best or res["step_time_s"] < best[v]["step_time_s"]:
                 keep_mem = max(res["peak_mem_mb"], best[v]["peak_mem_mb"]) if v in best else res["peak_mem_mb"]
                 best[v] = dict(res, peak_mem_mb=keep_mem)
@@ -213,34 +303,162 @@ def measure(batch: int, steps: int, rounds: int, threads: int, config: str, log)
     return best
 
 
-def ratios(res: dict[str, dict]) -> dict[str, float]:
-    t0, m0 = res["nonprivate"]["step_time_s"], res["nonprivate"]["peak_mem_mb"]
-    out = {}
-    for v in VARIANTS[1:]:
-        out[f"{v}_time_vs_nonprivate"] = res[v]["step_time_s"] / t0
-        out[f"{v}_mem_vs_nonprivate"] = res[v]["peak_mem_mb"] / m0
-    out["opacus_hooks_time_vs_dpldm"] = res["opacus_hooks"]["step_time_s"] / res["dpldm"]["step_time_s"]
-    out["opacus_ghost_time_vs_dpldm"] = res["opacus_ghost"]["step_time_s"] / res["dpldm"]["step_time_s"]
+# ----------------------------------------------------------------------------------------------
+# CUDA: every variant in this process, on a fresh copy of the model
+# ----------------------------------------------------------------------------------------------
+def measure_inprocess(model: str, batch: int, precision: str, variants, steps: int, device, log) -> dict[str, dict]:
+    """Every variant in this process (CUDA; on CPU only as a dry run of this code path)."""
+    import gc
+
+    import torch
+
+    cfg, base, schedule, data, _ = _build(batch, MODELS[model], device)
+    loss_fn = _loss_fn(schedule, data, precision)
+    out: dict[str, dict] = {}
+    for v in variants:
+        unet = copy.deepcopy(base)
+        extra: dict = {}
+        res = {"variant": v, "model": model, "batch": batch, "precision": precision}
+        try:
+            step = make_step(v, unet, loss_fn, batch, device, extra)
+            for _ in range(2):  # warm-up: compilation, autotuning, the selector's measurements
+                step()
+            _sync(device)
+            gc.collect()
+            cuda = device.type == "cuda"
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            base_mem = torch.cuda.memory_allocated(device) if cuda else _maxrss_mb() * 2**20
+            times, clips = [], []
+            for _ in range(steps):
+                if "clip_time" in extra:
+                    extra["clip_time"][0] = 0.0
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+                if "clip_time" in extra:
+                    clips.append(extra["clip_time"][0])
+            res.update(step_time_s=statistics.median(times), step_times_s=times,
+                       peak_mem_mb=((torch.cuda.max_memory_allocated(device) if cuda else _maxrss_mb() * 2**20)
+                                    - base_mem) / 2**20,
+                       ex_per_s=batch / statistics.median(times))
+            if clips:
+                res["clip_phase_s"] = statistics.median(clips)
+            _engine_report(extra, res)
+            log(f"  {model} b={batch} {precision} {v:15s} {1e3 * res['step_time_s']:8.2f} ms  "
+                f"+{res['peak_mem_mb']:.0f} MiB  {res['ex_per_s']:.0f} ex/s")
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"  {model} b={batch} {precision} {v:15s} FAILED {res['error']}")
+        out[v] = res
+        del unet, extra
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
-def write_doc(all_res: dict[int, dict], threads: int, config: str, rounds: int, steps: int) -> None:
+def default_peak_tflops(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in (("H200", 790.0), ("H100", 790.0), ("A100", 312.0)):
+        if key in name:
+            return tf
+    return None
+
+
+def gpu_variants(device) -> list[str]:
+    from dpldm.kernels import dispatch
+
+    out = ["nonprivate", "dpldm", "dpldm_measured"]
+    singles = ("torch", "triton", "cuda") if device.type == "cuda" else ("torch", "cpp")
+    out += [f"dpldm_{b}" for b in singles if dispatch.why_unavailable(b, device) is None]
+    return out + ["opacus_hooks", "opacus_ghost"]
+
+
+def gpu_table(rows: list[dict], flops: dict[str, float], peak_tflops: float | None) -> list[str]:
+    lines = ["| model | batch | precision | variant | step ms | x non-private | peak MiB | ex/s | of bound |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    by = {(r["model"], r["batch"], r["precision"], r["variant"]): r for r in rows}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['variant']} | failed: "
+                         f"{r['error'][:80]} | | | | |")
+            continue
+        np_ = by.get((r["model"], r["batch"], r["precision"], "nonprivate"), {})
+        ratio = f"{r['step_time_s'] / np_['step_time_s']:.2f}" if "step_time_s" in np_ else "-"
+        bound = peak_tflops * 1e12 / flops[r["model"]] if peak_tflops else None
+        frac = f"{100 * r['ex_per_s'] / bound:.1f}%" if bound else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['variant']} | "
+                     f"{1e3 * r['step_time_s']:.1f} | {ratio} | {r['peak_mem_mb']:.0f} | {r['ex_per_s']:.0f} | {frac} |")
+    return lines
+
+
+def checks(rows: list[dict]) -> list[str]:
+    """The issue's targets, evaluated on what was measured (a benchmark, not a test: reported)."""
+    out = []
+    by = {(r["model"], r["batch"], r["precision"], r["variant"]): r for r in rows if "error" not in r}
+    for (m, b, p, v), r in by.items():
+        if v != "dpldm_measured":
+            continue
+        np_ = by.get((m, b, p, "nonprivate"))
+        singles = [by[k]["step_time_s"] for k in by if k[:3] == (m, b, p) and k[3] in
+                   ("dpldm_torch", "dpldm_triton", "dpldm_cuda", "dpldm_cpp")]
+        if singles:
+            out.append(f"{m} b={b} {p}: measured auto {r['step_time_s'] / min(singles):.3f}x the best single backend "
+                       "(target <= 1.05)")
+        if np_:
+            out.append(f"{m} b={b} {p}: measured auto {r['step_time_s'] / np_['step_time_s']:.2f}x non-private "
+                       f"(targets: celeba64 bf16 <= 1.15, demo <= 1.25)")
+        hooks = by.get((m, b, "fp32", "opacus_hooks"))
+        if hooks and p == "bf16":
+            out.append(f"{m} b={b}: bf16 measured auto {hooks['step_time_s'] / r['step_time_s']:.2f}x faster than "
+                       "Opacus hooks fp32 (target >= 3 for celeba64); "
+                       f"{r['ex_per_s']:.0f} ex/s (target >= 8000 for celeba64)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# docs
+# ----------------------------------------------------------------------------------------------
+def _replace_section(title: str, lines: list[str]) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
+    start = text.find("\n" + title + "\n")
+    if start >= 0:  # replace only our section, up to the next "## " heading
+        nxt = text.find("\n## ", start + len(title) + 1)
+        text = text[:start + 1] + "\n".join(lines) + ("" if nxt < 0 else "\n" + text[nxt + 1:])
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    from dpldm.utils.io import atomic_write_text
+
+    atomic_write_text(DOC, text)
+
+
+def write_cpu_doc(all_res: dict[int, dict], threads: int, config: str, rounds: int, steps: int) -> None:
     any_res = next(iter(all_res.values()))
     d = any_res["dpldm"]
+    variants = list(any_res)
     lines = [SECTION, "",
              f"`python bench/dp_step.py` on the demo UNet (`{config}`, finetune `attention:all`: "
              f"{d['trainable_params']:,} of {d['total_params']:,} parameters trainable), K=1, C=1, sigma=1, "
-             f"AdamW, {threads} thread(s), CPU, each variant in a fresh process; time = median process CPU time "
-             f"of {steps} steps after a warm-up (wall time in parentheses), best of {rounds} interleaved rounds; memory = peak RSS minus RSS before the first "
-             "step (model, optimizer and batch already built). Machine shared with other jobs: expect +-10% noise.",
+             f"AdamW, {threads} thread(s), 2-core CPU, no GPU, each variant in a fresh process; time = median "
+             f"process CPU time of {steps} steps after a warm-up (wall time in parentheses), best of {rounds} "
+             "interleaved rounds; memory = peak RSS minus RSS before the first step (model, optimizer and batch "
+             "already built). Machine shared with other jobs: expect +-10% noise.",
              "", "| batch | variant | step time, s (wall) | x non-private | step memory (MB) | x non-private |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for batch, res in all_res.items():
         t0, m0 = res["nonprivate"]["step_time_s"], res["nonprivate"]["peak_mem_mb"]
-        for v in VARIANTS:
+        for v in variants:
             r = res[v]
-            lines.append(f"| {batch} | {v} | {r['step_time_s']:.3f} ({r['wall_time_s']:.3f}) | {r['step_time_s'] / t0:.2f} | "
-                         f"{r['peak_mem_mb']:.0f} | {r['peak_mem_mb'] / m0:.2f} |")
+            lines.append(f"| {batch} | {v} | {r['step_time_s']:.3f} ({r['wall_time_s']:.3f}) | "
+                         f"{r['step_time_s'] / t0:.2f} | {r['peak_mem_mb']:.0f} | {r['peak_mem_mb'] / m0:.2f} |")
     lines += ["", "Speed-up of dpldm over Opacus:", ""]
     for batch, res in all_res.items():
         rr = ratios(res)
@@ -249,73 +467,125 @@ def write_doc(all_res: dict[int, dict], threads: int, config: str, rounds: int, 
                 "of the step)" if clip is not None else ""
         lines.append(f"- batch {batch}: {rr['opacus_hooks_time_vs_dpldm']:.2f}x faster than Opacus hooks, "
                      f"{rr['opacus_ghost_time_vs_dpldm']:.2f}x faster than Opacus ghost{share}.")
-    counts: dict[str, int] = {}
-    for m in d.get("norm_methods", {}).values():
-        counts[m] = counts.get(m, 0) + 1
-    lines += ["", "Targets: dpldm <= 1.25x non-private time, <= 1.2x its memory, >= 1.3x faster than Opacus hooks.",
-              "", "Where the dpldm time goes (profiled at batch 64 with `process_time` around the engine's phases): "
-              "the forward + single backward with the engine's autograd Functions costs about the same as the "
-              "non-private forward + backward, slightly less, because the Functions return no weight gradient "
-              "(autograd skips the weight-gradient GEMMs). After the backward, the norm + clipped-sum phase "
-              "(figure above) splits roughly half and half between the per-example norms and the clipped-sum "
-              "GEMMs; the GEMMs are the same work the non-private backward spends on weight gradients, so the "
-              "net DP overhead is the norms, plus per-layer Python dispatch (~70 Linear, 21 LayerNorm, 7 GroupNorm, "
-              "1 Embedding rules), plus one fp32 noise draw. Memory overhead: the output gradients G of the "
-              "trainable layers kept until all norms are known (book-keeping's price), and one fp32 accumulator.",
-              "", f"Norm methods the kernels' `auto` picked (cpp backend): {json.dumps(counts)} "
-              "(fused = materialised in registers for the 64-token level, ghost for the 16-token levels).", ""]
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    start = text.find(SECTION)
-    if start >= 0:  # replace only our section, up to the next "## " heading
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + "\n".join(lines) + ("" if nxt < 0 else text[nxt + 1:])
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    lines += ["", f"Kernels the fixed rule ran (dpldm, per op call): {json.dumps(d.get('kernels_used', {}))}", ""]
+    _replace_section(SECTION, lines)
 
 
+def ratios(res: dict[str, dict]) -> dict[str, float]:
+    t0, m0 = res["nonprivate"]["step_time_s"], res["nonprivate"]["peak_mem_mb"]
+    out = {}
+    for v in res:
+        if v != "nonprivate":
+            out[f"{v}_time_vs_nonprivate"] = res[v]["step_time_s"] / t0
+            out[f"{v}_mem_vs_nonprivate"] = res[v]["peak_mem_mb"] / m0
+    out["opacus_hooks_time_vs_dpldm"] = res["opacus_hooks"]["step_time_s"] / res["dpldm"]["step_time_s"]
+    out["opacus_ghost_time_vs_dpldm"] = res["opacus_ghost"]["step_time_s"] / res["dpldm"]["step_time_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    from dpldm.utils.device import add_device_argument, describe_device, resolve_device
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 64, 3 timed steps, one round")
-    ap.add_argument("--json", action="store_true", help="print one JSON object (step_time_s, peak_mem_mb)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="physical batch sizes (default 64 256)")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU: batch 64, 3 timed steps, one round; CUDA: demo b=256 + celeba64 b=32, fp32 + bf16")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (the results) on stdout")
+    add_device_argument(ap, default="cpu")
+    ap.add_argument("--model", nargs="+", choices=sorted(MODELS), default=None, help="CUDA: models (default both)")
+    ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                    help="fp32 and/or bf16 (autocast); CPU default fp32, CUDA default both")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="physical batch sizes")
+    ap.add_argument("--variants", nargs="+", default=None, help="subset of the variants")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="CPU: interleaved rounds")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--config", default="configs/demo.toml")
-    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--config", default="configs/demo.toml", help="CPU: the model config")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="chip peak for the bound (default: 790 on H100/H200)")
+    ap.add_argument("--doc", action="store_true", help=f"CUDA: write the '{GPU_SECTION}' section of docs/benchmarks.md")
+    ap.add_argument("--inprocess", action="store_true", help=argparse.SUPPRESS)  # the CUDA code path on CPU (dry run)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.child, args.batch, args.steps or 3, args.threads, args.config)))
+        print(json.dumps(run_child(args.child, args.batch, args.steps or 3, args.threads, args.config,
+                                   (args.precision or ["fp32"])[0])))
         return 0
+    device = resolve_device(args.device)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    if device.type == "cuda" or args.inprocess:
+        return main_cuda(args, device, log)
     batches = args.batches or ([64] if args.quick else [64, 256])
     steps = args.steps or (3 if args.quick else 5)
     rounds = args.rounds or (1 if args.quick else 2)
-    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-    all_res = {b: measure(b, steps, rounds, args.threads, args.config, log) for b in batches}
-    if not args.quick:
-        write_doc(all_res, args.threads, args.config, rounds, steps)
-        log(f"wrote the '{SECTION}' section of {DOC.relative_to(ROOT)}")
+    precision = (args.precision or ["fp32"])[0]
+    variants = tuple(args.variants or CPU_VARIANTS)
+    all_res = {b: measure_cpu(b, steps, rounds, args.threads, args.config, precision, variants, log) for b in batches}
+    if not args.quick and precision == "fp32" and set(CPU_VARIANTS) <= set(variants):
+        write_cpu_doc(all_res, args.threads, args.config, rounds, steps)
+        log(f"wrote the '{SECTION}' section of {DOC.relative_to(ROOT)} ({describe_device(device)})")
     first = all_res[batches[0]]
-    summary = {"step_time_s": {v: first[v]["step_time_s"] for v in VARIANTS},
-               "peak_mem_mb": {v: first[v]["peak_mem_mb"] for v in VARIANTS},
-               "wall_time_s": {v: first[v]["wall_time_s"] for v in VARIANTS},
-               "time_measure": "median process CPU time per step (1 thread)",
-               "batch": batches[0], "threads": args.threads, "config": args.config,
-               "ratios": ratios(first),
-               "dpldm_clip_phase_s": first["dpldm"].get("clip_phase_s")}
+    summary = {"step_time_s": {v: first[v]["step_time_s"] for v in variants},
+               "peak_mem_mb": {v: first[v]["peak_mem_mb"] for v in variants},
+               "wall_time_s": {v: first[v]["wall_time_s"] for v in variants},
+               "time_measure": "median process CPU time per step", "device": describe_device(device),
+               "batch": batches[0], "threads": args.threads, "config": args.config, "precision": precision,
+               "ratios": ratios(first) if set(CPU_VARIANTS) <= set(variants) else {},
+               "dpldm_clip_phase_s": first.get("dpldm", {}).get("clip_phase_s")}
     if len(batches) > 1:
-        summary["by_batch"] = {str(b): {"step_time_s": {v: r[v]["step_time_s"] for v in VARIANTS},
-                                        "peak_mem_mb": {v: r[v]["peak_mem_mb"] for v in VARIANTS},
-                                        "ratios": ratios(r)} for b, r in all_res.items()}
+        summary["by_batch"] = {str(b): {"step_time_s": {v: r[v]["step_time_s"] for v in variants},
+                                        "peak_mem_mb": {v: r[v]["peak_mem_mb"] for v in variants}}
+                               for b, r in all_res.items()}
     if args.json:
         print(json.dumps(summary))
     else:
         for k, v in summary["ratios"].items():
             print(f"  {k}: {v:.2f}")
     return 0
+
+
+def main_cuda(args, device, log) -> int:
+    import torch
+
+    from dpldm.utils.device import describe_device
+
+    models = args.model or ["demo", "celeba64"]
+    precisions = args.precision or ["fp32", "bf16"]
+    steps = args.steps or (3 if args.quick else 10)
+    variants = args.variants or gpu_variants(device)
+    if args.quick and args.variants is None:  # keep (c) of bench/gpu_check.sh short
+        variants = [v for v in variants if v not in ("dpldm_torch", "dpldm_cuda")]
+    peak = args.peak_tflops or default_peak_tflops(device)
+    flops = {m: flops_per_example(MODELS[m]) for m in models}
+    log(f"device {describe_device(device)}, torch {torch.__version__}, peak {peak} TFLOP/s for the bound")
+    for m, f in flops.items():
+        log(f"  {m}: {f / 1e9:.2f} GFLOP per example (fwd + bwd, frozen weights), bound "
+            f"{peak * 1e12 / f if peak else float('nan'):.0f} ex/s")
+    if "celeba64" in flops and abs(flops["celeba64"] / 1e9 - PAPER_GFLOP) > 0.05 * PAPER_GFLOP:
+        log(f"WARNING: counted {flops['celeba64'] / 1e9:.2f} GFLOP/example for celeba64, the issue says {PAPER_GFLOP}")
+    rows = []
+    for m in models:
+        batches = args.batches or ([256] if m == "demo" else [32]) if args.quick else (
+            args.batches or ([256, 1024] if m == "demo" else [32, 64]))
+        for b in batches:
+            for p in precisions:
+                rows += list(measure_inprocess(m, b, p, variants, steps, device, log).values())
+    table = gpu_table(rows, flops, peak)
+    notes = checks(rows)
+    print("\n".join(table + [""] + notes), flush=True)
+    if args.doc:
+        lines = [GPU_SECTION, "", f"`python bench/dp_step.py --device cuda {' '.join(sys.argv[1:])}` on "
+                 f"{describe_device(device)}, torch {torch.__version__}; {steps} timed steps after 2 warm-up steps; "
+                 "peak = max_memory_allocated over the timed steps minus memory before them; FLOPs per example "
+                 f"counted with FlopCounterMode ({', '.join(f'{m} {f / 1e9:.2f} GFLOP' for m, f in flops.items())}); "
+                 f"bound = {peak} TFLOP/s / FLOPs per example.", ""] + table + [""] + [f"- {n}" for n in notes] + [""]
+        _replace_section(GPU_SECTION, lines)
+        log(f"wrote the '{GPU_SECTION}' section of {DOC.relative_to(ROOT)}")
+    if args.json:
+        print(json.dumps({"device": describe_device(device), "flops_per_example": flops, "peak_tflops": peak,
+                          "rows": rows, "checks": notes}))
+    failed = [r for r in rows if "error" in r and r["variant"].startswith(("dpldm", "nonprivate"))]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ Policy (the only place it lives):
   * backend="auto" with a `selector` (kernels/selection.py): the candidates are timed once per
     public shape key and the fastest is kept;
   * backend="auto" without a selector: the FIXED RULE below (deterministic; tests rely on it):
-      CPU   linear_sqnorm: ghost -> torch/ghost when 2T^2 < d_in*d_out (the torch rule), else
-            cpp/fused (torch/materialize if the C++ extension is not built: said once);
-            every other op: torch (MKL GEMM/bmm; measured in docs/benchmarks.md).
+      CPU   linear_sqnorm: ghost when T*(d_in + d_out) < d_in*d_out (cpu_method), on torch for
+            T < 64 (MKL bmm wins small Grams) and cpp for T >= 64 (its upper-triangle Grams win),
+            else cpp/fused; linear_clipped_sum and norm_affine_grads: cpp; embeddings: torch
+            (from KernelSelector measurements, docs/benchmarks.md "Kernel selection"). Without
+            the C++ extension: torch for all (said once).
       CUDA  triton, else the CUDA extension, else torch (said once), for every op that backend
             has; linear_sqnorm's method by choose_method(T, d_in, d_out, backend).
             fp64 tensors (tests only) -> torch.
@@ -241,6 +243,15 @@ def choose_method(T: int, d_in: int, d_out: int, backend: str = "torch") -> str:
     return "ghost" if T * (d_in + d_out) < 2 * d_in * d_out else "fused"
 
 
+def cpu_method(T: int, d_in: int, d_out: int) -> str:
+    """The fixed rule's norm method on CPU: ghost when its full T x T Grams cost fewer
+    multiply-adds than the per-example product, T*(d_in + d_out) < d_in*d_out, else fused.
+    Chosen from KernelSelector measurements of every layer shape of the demo UNet at P = 64 and
+    256 (docs/benchmarks.md, "Kernel selection"): it picks the measured winner's method for all 7
+    shapes, where the torch memory rule (2T^2 < d_in*d_out) sends T=64, 40->320 to ghost (2x slower)."""
+    return "ghost" if T * (d_in + d_out) < d_in * d_out else "fused"
+
+
 def _method_impl(op_impls: list[Impl], backend: str, method: str) -> Impl:
     if backend != "torch" and method == "materialize":
         method = "fused"  # same numbers; the accelerated backends never write the per-example stack
@@ -298,13 +309,17 @@ def _fixed(op: str, dev: torch.device, dtype: torch.dtype, method: str, shape) -
     if dev.type == "cuda" and dtype == torch.float64:
         return _with_method(op, "torch", method, shape), "fixed rule: fp64 runs on the torch backend (tests)"
     if dev.type == "cpu":
-        wants_cpp = op == "linear_sqnorm" and (
-            method in ("fused", "materialize") or (method == "auto" and shape is not None
-                                                  and choose_method(shape.T, shape.d_in, shape.d_out) != "ghost"))
-        if not wants_cpp:
-            return _with_method(op, "torch", method, shape), "fixed rule (cpu): torch (MKL GEMM/bmm)"
+        if op in ("embedding_sqnorm", "embedding_clipped_sum"):
+            return _with_method(op, "torch", method, shape), "fixed rule (cpu): torch"
+        if op == "linear_sqnorm":
+            if method == "auto":
+                if shape is None:
+                    raise ValueError("select('linear_sqnorm', method='auto') needs shape=LinearShape(T, d_in, d_out, bias)")
+                method = cpu_method(shape.T, shape.d_in, shape.d_out)
+            if method == "ghost" and (shape is None or shape.T < 64):
+                return _with_method(op, "torch", "ghost", shape), "fixed rule (cpu): torch/ghost for T < 64"
         b = resolve_backend("auto", dev)  # cpp, or torch with the reason said once
-        return _with_method(op, b, method, shape), f"fixed rule (cpu): {b} for the fused/materialised norm"
+        return _with_method(op, b, method, shape), f"fixed rule (cpu): {b}"
     if dev.type != "cuda":
         return _with_method(op, "torch", method, shape), f"fixed rule: torch on {dev.type}"
     b = resolve_backend("auto", dev)

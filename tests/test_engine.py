@@ -172,7 +172,8 @@ def test_clipped_sum_matches_per_example_loop(kind, B, K, method):
 def test_auto_method_picks_both_paths(backend):
     """Short sequences go ghost, long ones materialised/fused (the kernels' rule for the backend);
     every path gives the loop's answer."""
-    from dpldm.kernels import choose_method, resolve_backend
+    from dpldm.kernels import choose_method
+    from dpldm.kernels.registry import cpu_method
 
     lin = nn.Linear(4, 4).to(DT)
     model = nn.Sequential(lin)
@@ -182,7 +183,9 @@ def test_auto_method_picks_both_paths(backend):
         loss_fn = lambda m, b: m(b[0]).pow(2).sum(dim=(1, 2))  # noqa: E731
         eng = BookKeepingEngine(model, 0.5, backend=backend)
         got = eng.clipped_sums(loss_fn, (x,)).sums
-        assert eng.methods["0"] == choose_method(T, 4, 4, resolve_backend(backend))
+        want = choose_method(T, 4, 4, "torch") if backend == "torch" else cpu_method(T, 4, 4)
+        assert eng.methods["0"] == want  # the documented fixed rule (no selector)
+        assert eng.kernels_used["0"]["linear_sqnorm"].split("/")[1] == want
         seen.add(eng.methods["0"])
         assert_close(got, reference_clipped_sum(model, per_example_grads(model, loss_fn, (x,), 3), 0.5))
     assert "ghost" in seen and len(seen) == 2

@@ -58,21 +58,22 @@ def test_explicit_backend_served_by_torch_code_says_so():
     assert impl.backend == "cpp" and "torch code" in reason and "scatter-add" in reason
 
 
-@pytest.mark.parametrize("T,d_in,d_out", [(1, 8, 8), (4, 64, 64), (64, 40, 40), (16, 80, 80), (256, 32, 32)])
+@pytest.mark.parametrize("T,d_in,d_out", [(1, 8, 8), (4, 64, 64), (64, 40, 40), (16, 80, 80), (64, 40, 320),
+                                          (64, 640, 640), (256, 32, 32)])
 def test_fixed_rule_on_cpu_is_the_documented_one(T, d_in, d_out):
-    """selector=None: ghost -> torch/ghost when 2T^2 < d_in*d_out; else cpp/fused (torch/materialize
-    without the extension); every other op on torch."""
+    """selector=None on CPU: ghost when T*(d_in+d_out) < d_in*d_out (torch for T < 64, cpp above),
+    else cpp/fused; clipped sums and norm-layer grads on cpp; embeddings on torch."""
     cpu = torch.device("cpu")
     shape = LinearShape(T, d_in, d_out, False)
     impl, reason = registry.select("linear_sqnorm", cpu, torch.float32, shape=shape)
-    if 2 * T * T < d_in * d_out:
-        assert impl.name == "torch/ghost"
+    if T * (d_in + d_out) < d_in * d_out:
+        want = "torch/ghost" if T < 64 or not CPP else "cpp/ghost"
     else:
-        assert impl.name == ("cpp/fused" if CPP else "torch/materialize")
-    assert reason.startswith("fixed rule")
-    for op, sh in (("linear_clipped_sum", shape), ("norm_affine_grads", NormShape(T, d_in)),
-                   ("embedding_sqnorm", None), ("embedding_clipped_sum", None)):
-        assert registry.select(op, cpu, torch.float32, shape=sh)[0].name == "torch"
+        want = "cpp/fused" if CPP else "torch/materialize"
+    assert impl.name == want and reason.startswith("fixed rule")
+    for op, sh, b in (("linear_clipped_sum", shape, "cpp"), ("norm_affine_grads", NormShape(T, d_in), "cpp"),
+                      ("embedding_sqnorm", None, "torch"), ("embedding_clipped_sum", None, "torch")):
+        assert registry.select(op, cpu, torch.float32, shape=sh)[0].name == (b if CPP else "torch")
     # deterministic: the same answer every time
     assert all(registry.select("linear_sqnorm", cpu, torch.float32, shape=shape)[0] == impl for _ in range(3))
 
