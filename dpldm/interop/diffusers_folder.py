@@ -205,9 +205,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, missing: str = "dpldm reads safetensors weights only") -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (dpldm reads safetensors weights only)")
+        raise CheckpointError(f"{path}: missing ({missing})")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -237,7 +237,8 @@ def load_diffusers(folder: str | Path):
     sc_path = folder / "scheduler" / "scheduler_config.json"
     uc, vc, sc = _read_json(uc_path), _read_json(vc_path), _read_json(sc_path)
     table_path = folder / "class_embedder" / "embedding.safetensors"
-    table = _read_tensors(table_path).get("weight")
+    table = _read_tensors(table_path, "dpldm needs the class embedding table: the UNet's context is "
+                                      "weight[labels]").get("weight")
     if table is None or table.ndim != 2 or table.shape[0] < 2:
         raise CheckpointError(f"{table_path}: needs a 2-D 'weight' (num_classes + 1, context_dim)")
     info = _read_json(folder / "dpldm.json") if (folder / "dpldm.json").exists() else {}
