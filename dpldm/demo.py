@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     cfg: RunConfig = load_config(args.config, overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device, "train.device / --device")
+    device = resolve_device(cfg.train.device, "--device")
     model_dir = out / "finetune" / "model"
     if (model_dir / "meta.json").is_file() and not args.resume:
         print(f"[demo] reusing the fine-tuned model in {model_dir} (delete it to fine-tune again)")

@@ -39,7 +39,7 @@ MODEL = [
     "unet.num_heads=2", "unet.context_dim=16", "unet.num_classes=5", "data.image_size=16", "data.num_classes=3",
 ]
 RUN = ["privacy.expected_batch_size=8", "privacy.steps=2", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3",
-       "privacy.accountant=\"rdp\"", "privacy.physical_batch_size=4", "train.threads=1", "train.deterministic=true",
+       "privacy.accountant=\"rdp\"", "privacy.physical_batch_size=4", "train.threads=1", "train.deterministic=true", "train.not_private=true",
        "train.checkpoint_every=1"]
 N = 40
 
@@ -201,6 +201,35 @@ def _resume_changed(env: Env, out: Path) -> list[str]:
     return ft(env, out, "--resume", sets=("privacy.max_grad_norm=0.7",))
 
 
+def _resume_other_data(env: Env, out: Path) -> list[str]:
+    shutil.copytree(env.one_step_run, out)
+    rng = np.random.default_rng(1)  # the same N = 40, other images
+    other = env.npz("other_private", images=rng.integers(0, 256, size=(N, 16, 16), dtype=np.uint8),
+                    labels=np.arange(N) % 3)
+    return ft(env, out, "--resume", private=other)
+
+
+def _resume_changed_lr(env: Env, out: Path) -> list[str]:
+    shutil.copytree(env.one_step_run, out)
+    return ft(env, out, "--resume", sets=("train.lr=0.5",))
+
+
+def _out_is_a_file(env: Env, out: Path) -> list[str]:
+    out.write_text("a user's file\n")
+    return ft(env, out)
+
+
+_HELD_LOCKS: list = []  # kept open for the rest of the session: "another run" holds the folder
+
+
+def _busy_folder(env: Env, out: Path) -> list[str]:
+    from dpldm.train.run_folder import RunFolderLock
+
+    shutil.copytree(env.one_step_run, out)
+    _HELD_LOCKS.append(RunFolderLock(out).acquire())
+    return ft(env, out, "--resume")
+
+
 def _corrupt_init(env: Env, out: Path) -> list[str]:
     init = env.copy(env.public, "public_corrupt")
     _truncate(init / "tensors.safetensors", 0.5)
@@ -323,9 +352,29 @@ ROWS = [
         lambda e, o: ["sample", "--checkpoint", str(e.root / "nope"), "--out", str(o)],
         "checkpoint folder not found"),
     Row("resume-all-checkpoints-corrupt", "`--resume` when every step checkpoint is corrupt", _resume_all_corrupt,
-        "none of its 1 step checkpoints can be loaded"),
+        "none of its 1 step checkpoint(s) can be loaded"),
     Row("resume-config-changed", "`--resume` with a changed privacy section", _resume_changed,
-        "the config changed (privacy.max_grad_norm: checkpoint 1.0 != now 0.7)"),
+        "settings that define the run changed (privacy.max_grad_norm: checkpoint 1.0 != now 0.7)"),
+    # the one trainer: privacy fails closed, run folders, devices (issues 11, 13)
+    Row("deterministic-without-not-private", "`train.deterministic = true` without `--not-private`",
+        lambda e, o: ft(e, o, sets=("train.not_private=false",)), "the run is NOT private"),
+    Row("sigma-above-target-epsilon", "explicit `privacy.noise_multiplier` spending more than `privacy.epsilon`",
+        lambda e, o: ft(e, o, sets=("privacy.noise_multiplier=0.3", "privacy.epsilon=1.0")),
+        "above the target privacy.epsilon=1"),
+    Row("resume-other-private-data", "`--resume` on other private data of the same N", _resume_other_data,
+        "it trained on other private data"),
+    Row("resume-changed-lr", "`--resume` with `--set train.lr=...` changed", _resume_changed_lr,
+        "train.lr: checkpoint 0.001 != now 0.5"),
+    Row("out-is-a-file", "`--out` names an existing file", _out_is_a_file, "exists and is not a folder"),
+    Row("run-folder-busy", "`--out` held by another running trainer", _busy_folder, "in use by another dpldm run"),
+    Row("device-missing-gpu", "`--device cuda:99` (no such GPU here)", lambda e, o: ft(e, o, "--device", "cuda:99"),
+        "cuda:99"),
+    Row("device-bad-spec", "`--device gpu`", lambda e, o: ft(e, o, "--device", "gpu"),
+        "train.device: expected auto (a CUDA GPU when present, else CPU) | cpu | cuda | cuda:N, got 'gpu'"),
+    Row("synthetic-latents-zero", "`--synthetic-latents 0` (would silently train on the real set)",
+        lambda e, o: ft(e, o, "--synthetic-latents", "0"), "--synthetic-latents must be >= 1"),
+    Row("precision-unknown", "`--precision fp16`", lambda e, o: ft(e, o, "--precision", "fp16"),
+        "argument --precision: invalid choice: 'fp16'"),
 ]
 
 

@@ -181,7 +181,7 @@ def test_bf16_run_finishes_and_stays_close_to_fp32(setup):
 def test_asking_for_a_missing_gpu_is_an_input_error(setup, monkeypatch):
     root, public = setup
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, wherever this runs
-    with pytest.raises(InputError, match="train.device / --device=cuda"):
+    with pytest.raises(InputError, match="--device=cuda: "):
         run(cfg_for(root, "train.device=\"cuda\""), root / "dev", public)
     assert not (root / "dev").exists()  # refused before the run folder is touched
 

@@ -97,7 +97,7 @@ def open_context(cfg: RunConfig, opts: FinetuneOptions):
 
     env = resolve_launch_env()
     if env.world_size == 1:
-        return single_process_context(resolve_device(cfg.train.device, "train.device / --device"))
+        return single_process_context(resolve_device(cfg.train.device, "--device"))
     return init_distributed(opts.dist_backend, env=env, device=cfg.train.device)
 
 
@@ -185,6 +185,7 @@ class Trainer:
         self.cfg, self.opts, self.ctx = cfg, opts, ctx
         self.run_dir = Path(opts.out)
         self.lock = None
+        self.created_run_dir = False
         self.init_ldm = None  # rank 0: the init model (CPU), for sample grids and the release
         self.history: list[dict[str, Any]] = []  # resumes and what changed at each
 
@@ -193,6 +194,7 @@ class Trainer:
         from dpldm.train.run_folder import RunFolderLock, check_writable
 
         def claim():
+            self.created_run_dir = not self.run_dir.exists()
             check_writable(self.run_dir)
             self.lock = RunFolderLock(self.run_dir).acquire()
             if not self.opts.resume:
@@ -327,7 +329,7 @@ class Trainer:
         try:
             self._setup()
         except BaseException:
-            self._release_lock()
+            self._release_lock(failed=True)
             raise
 
     def load(self, idx: torch.Tensor):
@@ -480,10 +482,17 @@ class Trainer:
         self._release_lock()
         return result
 
-    def _release_lock(self) -> None:
+    def _release_lock(self, failed: bool = False) -> None:
+        """Free the run folder; after a failed set-up, remove the folder again if this run made it
+        and nothing was written (errors found before training leave no trace)."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+            if failed and self.created_run_dir:
+                try:
+                    self.run_dir.rmdir()  # only if empty
+                except OSError:
+                    pass
 
 
 def print_result(result: dict[str, Any]) -> None:

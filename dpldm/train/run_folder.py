@@ -39,29 +39,40 @@ def check_writable(run_dir: Path) -> None:
 
 
 class RunFolderLock:
-    """Exclusive, non-blocking lock on `<run_dir>/.lock`; `release()` (or process exit) frees it."""
+    """Exclusive, non-blocking lock on `<run_dir>/.lock`, which exists only while a run holds it:
+    `release()` unlinks it, then unlocks (so a finished or failed run leaves the folder as it
+    was). A process that locked a file another one had just unlinked notices (the path no longer
+    names its inode) and tries again, so two runs can never both hold the folder."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
 
     def acquire(self) -> "RunFolderLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunFolderError(f"--out {self.path.parent}: in use by another dpldm run ({holder}); wait for it, "
-                                 "stop it (a STOP file or SIGTERM checkpoints it), or pick another --out") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunFolderError(f"--out {self.path.parent}: in use by another dpldm run ({holder}); wait for it, "
+                                     "stop it (a STOP file or SIGTERM checkpoints it), or pick another --out") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its holder had just removed: try the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        os.fsync(fd)
         self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
