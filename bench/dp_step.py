@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 CPU_VARIANTS = ("nonprivate", "dpldm", "opacus_hooks", "opacus_ghost")
 MODELS = {"demo": "configs/demo.toml", "celeba64": "configs/paper/celeba64_from_imagenet64.toml"}
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -284,7 +283,8 @@ def run_child(variant: str, batch: int, steps: int, threads: int, config: str, p
 
 def measure_cpu(batch, steps, rounds, threads, config, precision, variants, log) -> dict[str, dict]:
     best: dict[str, dict] = {}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # an existing path first
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=path)
     for r in range(rounds):
         for v in variants:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", v, "--batch", str(batch),

@@ -1,6 +1,6 @@
 """Benchmark of the per-example norm + clipped-sum kernels on attention-projection shapes.
 
-    python bench/kernels.py [--quick] [--json PATH|-] [--device cpu|cuda] [--reps N]
+    python bench/kernels.py [--quick] [--json PATH|-] [--device cpu|cuda] [--dtype fp32 bf16] [--reps N]
 
 For every case (B in {64,256}, T in {64,256,1024}, d = d_in = d_out in {128,320,640}; --quick:
 B=64, T in {64,256}, d in {128,320}) and every available backend it times
@@ -166,21 +166,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_case(B, T, d, device, backends, reps, budget, peaks):
+def run_case(B, T, d, device, backends, reps, budget, peaks, dtype=torch.float32):
     g = torch.Generator().manual_seed(B * 1000 + T + d)
-    A = torch.randn(B, T, d, generator=g).to(device)
-    G = torch.randn(B, T, d, generator=g).to(device)
+    A = torch.randn(B, T, d, generator=g).to(device=device, dtype=dtype)
+    G = torch.randn(B, T, d, generator=g).to(device=device, dtype=dtype)
+    dt = str(dtype).replace("torch.", "")
+    peak_flops = None if not peaks else (peaks[0] if dtype == torch.float32 else peaks[1])
     coef = torch.rand(B, generator=g).to(device)
     rows = []
 
     def record(op, backend, method, fn, flops):
         t = time_it(fn, device, reps, budget)
         mem = measure_peak(fn, device)
-        row = {"B": B, "T": T, "d": d, "op": op, "backend": backend, "method": method, "time_s": t,
+        row = {"B": B, "T": T, "d": d, "dtype": dt, "op": op, "backend": backend, "method": method, "time_s": t,
                "peak_bytes_measured": mem, "peak_bytes_analytic": analytic_bytes(op, backend, method, B, T, d, 4),
                "gflops": flops / t / 1e9}
         if device.type == "cuda" and peaks:
-            row["frac_peak_flops"] = flops / t / (peaks[0] * 1e12)
+            row["frac_peak_flops"] = flops / t / (peak_flops * 1e12)
             row["gbps_read_AG"] = (A.numel() + G.numel()) * A.element_size() / t / 1e9
             row["frac_peak_bw"] = row["gbps_read_AG"] * 1e9 / (peaks[2] * 1e9)
         rows.append(row)
@@ -201,7 +203,7 @@ def summarise(rows):
     """Add ratios vs the torch reference of the same op and vs the materialising baseline."""
     by_case = {}
     for r in rows:
-        by_case.setdefault((r["B"], r["T"], r["d"]), []).append(r)
+        by_case.setdefault((r["B"], r["T"], r["d"], r.get("dtype")), []).append(r)
     for case_rows in by_case.values():
         base = next(r for r in case_rows if r["op"] == "baseline")
         ref_norm = next(r for r in case_rows if r["op"] == "norm" and r["backend"] == "torch" and r["method"] == "materialize")
@@ -229,13 +231,13 @@ def fmt_bytes(n):
 
 
 def print_table(rows):
-    hdr = (f"{'B':>4} {'T':>5} {'d':>4} {'op':<8} {'backend':<7} {'method':<15} {'time ms':>9} {'GFLOP/s':>8} "
+    hdr = (f"{'B':>4} {'T':>5} {'d':>4} {'dtype':<8} {'op':<8} {'backend':<7} {'method':<15} {'time ms':>9} {'GFLOP/s':>8} "
            f"{'t/ref':>6} {'t/mat':>6} {'peak meas':>10} {'peak anal':>10} {'m/mat':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         mm = r.get("mem_measured_vs_materialize_all")
-        print(f"{r['B']:>4} {r['T']:>5} {r['d']:>4} {r['op']:<8} {r['backend']:<7} {r['method']:<15} "
+        print(f"{r['B']:>4} {r['T']:>5} {r['d']:>4} {r['dtype']:<8} {r['op']:<8} {r['backend']:<7} {r['method']:<15} "
               f"{r['time_s'] * 1e3:>9.2f} {r['gflops']:>8.1f} {r['time_vs_torch_ref']:>6.2f} "
               f"{r['time_vs_materialize_all']:>6.2f} {fmt_bytes(r['peak_bytes_measured']):>10} "
               f"{fmt_bytes(r['peak_bytes_analytic']):>10} {('%.4f' % mm) if mm is not None else 'n/a':>7}")
@@ -261,14 +263,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small subset (< 1 min on CPU)")
     ap.add_argument("--json", metavar="PATH", help="write results as JSON to PATH ('-' for stdout)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from dpldm.utils.device import add_device_argument, resolve_device
+
+    add_device_argument(ap)
+    ap.add_argument("--dtype", nargs="+", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="input dtypes (default fp32 on CPU, fp32 and bf16 on CUDA)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per op timing before stopping early")
     ap.add_argument("--cases", help="comma list of BxTxd, e.g. 64x256x320,256x64x640 (overrides the grid)")
     ap.add_argument("--peak-tflops", type=float, help="chip peak TFLOP/s for the fraction-of-peak columns")
     ap.add_argument("--peak-gbps", type=float, help="chip peak memory bandwidth GB/s")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d]
+              for d in (args.dtype or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"]))]
     if args.cases:
         cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
     else:
@@ -283,7 +291,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         name = gpu_name()
         known = next((v for k, v in PEAKS.items() if k in name), None)
-        peaks = (args.peak_tflops or (known[1] if known else float("nan")), 0.0,
+        peaks = (args.peak_tflops or (known[0] if known else float("nan")),  # fp32 (CUDA cores, no TF32)
+                 args.peak_tflops or (known[1] if known else float("nan")),  # bf16/fp16 tensor cores
                  args.peak_gbps or (known[2] if known else float("nan")))
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -302,9 +311,10 @@ def main(argv=None) -> int:
           f"backends {backends}; skipped {skipped}", flush=True)
     t0 = time.time()
     rows = []
-    for (B, T, d) in cases:
-        rows += run_case(B, T, d, device, backends, args.reps, args.budget, peaks)
-        print(f"#   case B={B} T={T} d={d} done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    for dtype in dtypes:
+        for (B, T, d) in cases:
+            rows += run_case(B, T, d, device, backends, args.reps, args.budget, peaks, dtype)
+            print(f"#   case B={B} T={T} d={d} {dtype} done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     rows = summarise(rows)
     print_table(rows)
     scaling = fused_memory_scaling(device, backends)
