@@ -62,7 +62,7 @@ def run(cfg, out, public, **kw):
 
 def test_spends_accounted_epsilon_touches_only_attention_and_starts_from_ema(setup):
     root, public = setup
-    res = run(cfg_for(root), root / "a", public)
+    res = run(cfg_for(root, "train.sample_every=2"), root / "a", public)
     assert res["finished"] and res["device"].startswith("cpu") and res["precision"] == "fp32"
     rep = res["privacy"]
     expected = compute_epsilon(rep["noise_multiplier"], 8 / 40, 4, 1e-3, "prv")
@@ -81,9 +81,12 @@ def test_spends_accounted_epsilon_touches_only_attention_and_starts_from_ema(set
     assert any(not torch.equal(raw[n], t) for n, t in after.unet.state_dict().items() if n not in allowed)
     for (_, a), (_, b) in zip(before.ae.state_dict().items(), after.ae.state_dict().items()):
         assert torch.equal(a, b)
-    rows = read_metrics(root / "a")
+    rows = [r for r in read_metrics(root / "a") if "epsilon" in r]
     assert [r["step"] for r in rows] == [2, 4] and rows[-1]["epsilon"] == pytest.approx(rep["epsilon"])
     assert {"lr", "steps_per_s", "expected_examples_per_s"} <= set(rows[0])
+    grids = [r["samples"] for r in read_metrics(root / "a") if "samples" in r]  # EMA grids (post-processing)
+    assert [os.path.basename(g) for g in grids] == ["step_00000002.png", "step_00000004.png"]
+    assert all(os.path.getsize(g) > 0 for g in grids)
 
 
 def test_secrets_stay_in_private_checkpoints(setup):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ class RunLogger:
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
         id_file = self.run_dir / WANDB_ID
-        run_id = id_file.read_text().strip() if resume and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dpldm", job_type=job, id=run_id, resume="allow",
                          dir=os.environ["WANDB_DIR"], config=cfg.to_dict(),
