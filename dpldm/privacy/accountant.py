@@ -14,10 +14,12 @@ run neither re-spends nor forgets privacy, and continues the same Poisson plan.
 Bounds (so no accounting runs away in memory or time):
 - The PRV accountant discretises the privacy loss on a grid whose size Opacus derives from
   (sigma, q, steps, delta): tiny sigma or very many steps need billions of points (26 GiB for
-  sigma=0.01, q=0.01, 100 steps). `prv_grid_points` predicts the size cheaply (RDP bounds only);
-  past `PRV_MAX_POINTS` (2**24 points: about 3 GiB peak and 12 s per evaluation on 2 CPU cores)
-  the call raises `PrivacyParameterError` instead of allocating. The RDP accountant's cost does
-  not depend on sigma or steps and has no such limit.
+  sigma=0.01, q=0.01, 100 steps). `BoundedPRVAccountant` is Opacus' PRVAccountant with a check
+  in its `_get_domain` (the grid is sized there, before anything is allocated): past
+  `PRV_MAX_POINTS` (2**24 points: about 3 GiB peak and 12 s per evaluation on 2 CPU cores) it
+  raises `PrivacyParameterError`; the same numbers otherwise, at no extra cost. The ledger and the
+  one-shot functions use it. `prv_grid_points` predicts the size without Opacus' PRV. The RDP
+  accountant's cost does not depend on sigma or steps and has no such limit.
 - `calibrate_noise` runs Opacus' own search (the same sigma sequence as
   `opacus.accountants.utils.get_noise_multiplier`, so the same result) with a wall-clock limit
   (`DEFAULT_TIME_LIMIT_S`), an iteration cap, the grid check before every evaluation, and an
@@ -36,7 +38,7 @@ import time
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
-from opacus.accountants import create_accountant
+from opacus.accountants import PRVAccountant, create_accountant
 
 from dpldm.privacy.sampler import PoissonPlan
 
@@ -132,17 +134,20 @@ def prv_grid_points(history: Sequence[tuple[float, float, int]], delta: float,
     return 2 * L / mesh + 2
 
 
+def _too_large(points: float, limit: int, what: str) -> PrivacyParameterError:
+    return PrivacyParameterError(
+        f"PRV accountant: {what} needs a grid of {points:.3g} points (limit {int(limit)}, about "
+        f"{points * 180 / 2**30:.3g} GiB): too little noise or too many steps for the PRV accountant; "
+        "use the RDP accountant (--accountant rdp), more noise or fewer steps")
+
+
 def check_prv_size(history: Sequence[tuple[float, float, int]], delta: float, max_points: int | None = None,
                    what: str | None = None) -> float:
-    """Raise PrivacyParameterError when the PRV grid for `history` exceeds `max_points`."""
+    """Raise PrivacyParameterError when the PRV grid for `history` would exceed `max_points`."""
     limit = PRV_MAX_POINTS if max_points is None else max_points
     points = prv_grid_points(history, delta)
     if points > limit:
-        what = what or _describe(history, delta)
-        raise PrivacyParameterError(
-            f"PRV accountant: {what} needs a grid of {points:.3g} points (limit {int(limit)}, about "
-            f"{points * 180 / 2**30:.3g} GiB): too little noise or too many steps for the PRV accountant; "
-            "use the RDP accountant (--accountant rdp), more noise or fewer steps")
+        raise _too_large(points, limit, what or _describe(history, delta))
     return points
 
 
@@ -153,25 +158,45 @@ def _describe(history: Sequence[tuple[float, float, int]], delta: float) -> str:
     return f"{len(history)} segments (last sigma={history[-1][0]:g}, q={history[-1][1]:g}), delta={delta:g}"
 
 
-def _prv_epsilon(acc, delta: float, max_points: int | None, checked: bool = False) -> float:
-    """Opacus' PRV epsilon, after the grid check; its numerical failures become one clear error."""
-    if not checked:
-        check_prv_size(acc.history, delta, max_points)
-    try:
-        with quiet_optimal_order():
-            return float(acc.get_epsilon(delta=delta))
-    except (ValueError, RuntimeError, FloatingPointError, OverflowError, MemoryError) as e:
-        raise PrivacyParameterError(
-            f"PRV accountant cannot evaluate {_describe(acc.history, delta)} (Opacus: {e}); "
-            "use the RDP accountant (--accountant rdp)") from None
+class BoundedPRVAccountant(PRVAccountant):
+    """Opacus' PRVAccountant that refuses a discretisation grid larger than `max_points` (default
+    PRV_MAX_POINTS) where Opacus sizes it, before it allocates; `what` names the case in the error."""
+
+    def __init__(self, max_points: int | None = None, what: str | None = None) -> None:
+        super().__init__()
+        self.max_points, self.what = max_points, what
+
+    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error):
+        domain = super()._get_domain(prvs=prvs, num_self_compositions=num_self_compositions, eps_error=eps_error,
+                                     delta_error=delta_error)
+        limit = PRV_MAX_POINTS if self.max_points is None else self.max_points
+        if domain.size > limit:
+            raise _too_large(domain.size, limit, self.what or _describe(self.history, delta_error * 1000))
+        return domain
+
+    def get_epsilon(self, delta: float, **kwargs) -> float:
+        """Opacus' epsilon, without its optimal-order warning (grid sizing), with its numerical
+        failures as one clear PrivacyParameterError."""
+        try:
+            with quiet_optimal_order():
+                return float(super().get_epsilon(delta, **kwargs))
+        except (ValueError, RuntimeError, FloatingPointError, OverflowError, MemoryError) as e:
+            raise PrivacyParameterError(
+                f"PRV accountant cannot evaluate {_describe(self.history, delta)} (Opacus: {e}); "
+                "use the RDP accountant (--accountant rdp)") from None
+
+
+def new_accountant(name: str, max_points: int | None = None, what: str | None = None):
+    """Opacus' accountant `name`; "prv" is the bounded one."""
+    if check_accountant(name) == "prv":
+        return BoundedPRVAccountant(max_points, what)
+    return create_accountant(mechanism=name)
 
 
 def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str,
-             max_points: int | None, checked: bool = False) -> float:
-    acc = create_accountant(mechanism=accountant)
+             max_points: int | None, what: str | None = None) -> float:
+    acc = new_accountant(accountant, max_points, what)
     acc.history = list(history)
-    if accountant == "prv":
-        return _prv_epsilon(acc, delta, max_points, checked)
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -212,12 +237,9 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
         if evals >= MAX_SEARCH_ITERATIONS:
             raise PrivacyParameterError(f"calibrating sigma for {target}: no convergence after {evals} "
                                         f"evaluations (sigma={sigma:.6g}, {phase})")
-        history = [(sigma, q, steps)]
-        if accountant == "prv":
-            check_prv_size(history, delta, max_points,
-                           what=f"calibrating sigma for {target} reached sigma={sigma:.4g}, which")
         evals += 1
-        eps = _epsilon(history, delta, accountant, max_points, checked=True)
+        eps = _epsilon([(sigma, q, steps)], delta, accountant, max_points,
+                       what=f"calibrating sigma for {target} reached sigma={sigma:.4g}, which")
         if progress is not None:
             progress(f"calibrating sigma ({accountant.upper()}): evaluation {evals}, sigma={sigma:.6g} -> "
                      f"epsilon={eps:.6g} (target {epsilon:g}, {phase}, {time.perf_counter() - t0:.1f} s)")
@@ -259,7 +281,7 @@ class PrivacyLedger:
         check_sample_rate(plan.sample_rate)
         self.delta = check_delta(delta, plan.num_examples)
         self.accountant_name = check_accountant(accountant)
-        self.accountant = create_accountant(mechanism=self.accountant_name)
+        self.accountant = new_accountant(self.accountant_name)
         self.steps_done = 0
 
     # public constants of the mechanism
@@ -321,7 +343,7 @@ class PrivacyLedger:
             return 0.0
         delta = check_delta(self.delta if delta is None else delta)
         if self.accountant_name == "prv":
-            return _prv_epsilon(self.accountant, delta, max_points)
+            self.accountant.max_points = max_points
         return float(self.accountant.get_epsilon(delta=delta))
 
     def epsilon_after(self, total_steps: int, delta: float | None = None) -> float:
