@@ -287,3 +287,19 @@ def test_cli_bounds_and_note(_cli):
     assert r.stderr.count("\n") == 1 and "note: the RDP optimal order is the smallest alpha" in r.stderr
     r = _cli("--epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.04", "--steps", "100", "--time-limit", "0")
     assert r.returncode == 2 and "--time-limit" in r.stderr
+
+
+def test_cli_progress_lines_and_grid_flag(_cli, monkeypatch):
+    import dpldm.privacy.cli as pcli
+
+    monkeypatch.setattr(pcli, "PROGRESS_AFTER_S", 0.0)  # as if the accounting had run long
+    r = _cli("--epsilon", "4", "--delta", "1e-5", "--sample-rate", "0.05", "--steps", "60", "--json")
+    assert r.returncode == 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) >= 3 and all(ln.startswith("dpldm privacy: calibrating sigma (PRV): evaluation ") for ln in lines)
+    assert json.loads(r.stdout)["noise_multiplier"] == calibrate_noise(4.0, 1e-5, 0.05, 60, "prv")
+    r = _cli("--epsilon", "4", "--delta", "1e-5", "--sample-rate", "0.05", "--steps", "60", "--json", "--quiet")
+    assert r.returncode == 0 and r.stderr == ""
+    r = _cli("--noise-multiplier", "1", "--delta", "1e-5", "--sample-rate", "0.05", "--steps", "60",
+             "--max-grid-points", "1000")
+    assert r.returncode == 2 and "limit 1000," in r.stderr and len(r.stderr.strip().splitlines()) == 1
