@@ -5,6 +5,7 @@
                    kernels by the fixed rule (backend/norm_method "auto", no selector)
     dpldm_measured the same with a KernelSelector: each layer shape's kernels timed once (first step)
     dpldm_<b>      the same with every kernel on backend b (torch, cpp, triton, cuda: those available)
+    dpldm_nogroup  dpldm with q/k/v (layers reading one input) NOT sharing one kernel per phase
     opacus_hooks   Opacus 1.6 GradSampleModule (hooks: per-example grads materialised) + DPOptimizer
     opacus_ghost   Opacus 1.6 ghost clipping (two backward passes) + DPOptimizerFastGradientClipping
 
@@ -150,7 +151,8 @@ def make_step(variant: str, unet, loss_fn, batch: int, device, extra: dict):
     if variant.startswith("dpldm"):
         from dpldm.privacy import DPStep, GaussianNoise, PoissonPlan, PrivacyLedger
 
-        backend = variant.split("_", 1)[1] if variant.count("_") and variant != "dpldm_measured" else "auto"
+        backend = variant.split("_", 1)[1] if variant.count("_") and variant not in (
+            "dpldm_measured", "dpldm_nogroup") else "auto"
         # q = 1 over N = batch: the Poisson sample is the whole fixed batch (a fixed-size timing)
         ledger = PrivacyLedger(noise_multiplier=sigma, max_grad_norm=C, plan=PoissonPlan(batch, 1.0, 0), delta=1e-5)
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -165,6 +167,8 @@ def make_step(variant: str, unet, loss_fn, batch: int, device, extra: dict):
         dp = DPStep(unet, loss_fn, ledger, **kw)
         if selector is not None and dp.engine.selector is None:
             dp.engine.selector = selector  # DPStep without the selector= keyword: set it on its engine
+        if variant == "dpldm_nogroup":  # q/k/v each with their own kernels (engine.group_shared_inputs off)
+            dp.engine.group_shared_inputs = False
         extra["engine"], extra["selector"] = dp.engine, selector
         eng = dp.engine
         orig = eng._clip_and_sum
@@ -376,7 +380,7 @@ def default_peak_tflops(device) -> float | None:
 def gpu_variants(device) -> list[str]:
     from dpldm.kernels import dispatch
 
-    out = ["nonprivate", "dpldm", "dpldm_measured"]
+    out = ["nonprivate", "dpldm", "dpldm_measured", "dpldm_nogroup"]
     singles = ("torch", "triton", "cuda") if device.type == "cuda" else ("torch", "cpp")
     out += [f"dpldm_{b}" for b in singles if dispatch.why_unavailable(b, device) is None]
     return out + ["opacus_hooks", "opacus_ghost"]
@@ -554,7 +558,7 @@ def main_cuda(args, device, log) -> int:
     steps = args.steps or (3 if args.quick else 10)
     variants = args.variants or gpu_variants(device)
     if args.quick and args.variants is None:  # keep (c) of bench/gpu_check.sh short
-        variants = [v for v in variants if v not in ("dpldm_torch", "dpldm_cuda")]
+        variants = [v for v in variants if v not in ("dpldm_torch", "dpldm_cuda", "dpldm_nogroup")]
     peak = args.peak_tflops or default_peak_tflops(device)
     flops = {m: flops_per_example(MODELS[m]) for m in models}
     log(f"device {describe_device(device)}, torch {torch.__version__}, peak {peak} TFLOP/s for the bound")

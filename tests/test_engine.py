@@ -199,6 +199,23 @@ def test_torch_backend_matches_loop_on_block():
     assert_close(clipped_gradient_sum(model, loss_fn, batch, C, backend="torch"), reference_clipped_sum(model, grads, C))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_layers_sharing_an_input_are_grouped_exactly(backend):
+    """q1/k1/v1 read one LayerNorm output and k2/v2 one context: each set shares one norm kernel and
+    one clipped-sum GEMM (LinearGroup); the sums equal the ungrouped engine's and the loop's."""
+    model, batch, loss_fn = _case("block", 6, 2)
+    grads = per_example_grads(model, loss_fn, batch, 6)
+    C = sorted(norms_of(grads))[3]
+    grouped = BookKeepingEngine(model, C, backend=backend)
+    plain = BookKeepingEngine(model, C, backend=backend, group_shared_inputs=False)
+    got = grouped.clipped_sums(loss_fn, batch).sums
+    assert_close(got, plain.clipped_sums(loss_fn, batch).sums, rel=1e-12)
+    assert_close(got, reference_clipped_sum(model, grads, C))
+    groups = {d.get("group") for d in grouped.kernels_used.values()}
+    assert groups == {None, "q1+k1+v1", "k2+v2"}  # q2 reads n2(t), not the context: alone
+    assert "group" not in plain.kernels_used["q1"]
+
+
 def test_k_copies_clipped_jointly_not_separately():
     """Classic mistake: clipping each of the K copies on its own gives sensitivity K*C. The
     engine's per-example contribution is the joint clip, of norm <= C."""

@@ -93,7 +93,7 @@ def test_forward_under_autocast_is_bit_identical_and_records_bf16():
     model = _model()
     batch = _batch(6)
     want = bf16_loss(model, batch)
-    eng = BookKeepingEngine(model, C)
+    eng = BookKeepingEngine(model, C, group_shared_inputs=False)  # spies on each rule's own records
     seen = {}
     for rule in eng.rules:
         orig = rule.sqnorm
@@ -159,7 +159,7 @@ def test_factors_and_sums_come_from_the_recorded_bf16_inputs():
     sum equals sum_i c_i G_i^T A_i of those same inputs (not of fp32 or re-rounded ones)."""
     model = _model()
     batch = _batch(7, seed=3)
-    eng = BookKeepingEngine(model, C, backend="torch")
+    eng = BookKeepingEngine(model, C, backend="torch", group_shared_inputs=False)  # per-rule records
     rec = {}
     for rule in eng.rules:
         orig = rule.clipped_sums

@@ -226,5 +226,6 @@ def test_engine_explicit_backend_with_selector_chooses_only_its_methods():
     x = torch.randn(4, 9, 16, dtype=torch.float64)
     grads = per_example_grads(model, _loss, (x,), 4)
     assert_close(eng.clipped_sums(_loss, (x,)).sums, reference_clipped_sum(model, grads, 0.05))
-    assert all(v.startswith("torch") for d in eng.kernels_used.values() for v in d.values())
+    assert all(v.startswith("torch") for d in eng.kernels_used.values() for k, v in d.items() if k != "group")
+    assert eng.kernels_used["q"]["group"] == "q+k+v"  # q, k, v read the same LayerNorm output
     assert all(k.endswith("backend=torch") for k in sel.choices if k.startswith("linear_sqnorm"))

@@ -38,7 +38,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dpldm.privacy.layers import LayerRule, RowMismatchError, UnsupportedLayerError, rule_for
+from dpldm.privacy.layers import (LayerRule, LinearGroup, RowMismatchError, UnsupportedLayerError,
+                                  group_shared_inputs, rule_for)
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
            "RowMismatchError", "clipped_gradient_sum", "NORM_METHODS", "NONFINITE_RULES"]
@@ -80,6 +81,8 @@ class BookKeepingEngine:
     backend / norm_method "auto": with `selector` (a dpldm.kernels.selection.KernelSelector) each
     distinct public layer shape is timed once and the fastest kernel kept; with selector=None a
     fixed deterministic rule (kernels/registry.py). `kernels_used` names what ran per layer.
+    group_shared_inputs (default True): Linear layers that read the same input tensor (q, k, v)
+    share one norm kernel and one clipped-sum GEMM (layers.LinearGroup; exact, fewer launches).
 
     Mixed precision: run the forward of `per_example_loss_fn` under torch.autocast (bf16) with
     fp32 parameters; the rules then record bf16 A and G (fp32 where the layer's input was fp32),
@@ -88,7 +91,8 @@ class BookKeepingEngine:
     accumulators and results are fp32 (fp64 for fp64 models)."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float, *, norm_method: str = "auto",
-                 backend: str = "auto", nonfinite: str = "raise", selector=None) -> None:
+                 backend: str = "auto", nonfinite: str = "raise", selector=None,
+                 group_shared_inputs: bool = True) -> None:
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm (clip norm C) must be > 0, got {max_grad_norm!r}")
         if norm_method not in NORM_METHODS:
@@ -106,6 +110,7 @@ class BookKeepingEngine:
             raise TypeError(f"selector must be a dpldm.kernels.selection.KernelSelector (or None), got "
                             f"{type(selector).__name__}")
         self.selector = selector  # KernelSelector: "auto" measured per public layer shape; None: the fixed rule
+        self.group_shared_inputs = bool(group_shared_inputs)  # q/k/v reading one input: one kernel each phase
         self.rules: list[LayerRule] = []
         self.param_names: dict[int, str] = {}  # id(param) -> name
         self._stat_modules: list[tuple[str, nn.Module]] = []  # modules that may update running stats
@@ -268,9 +273,10 @@ class BookKeepingEngine:
         sq = torch.zeros(B, dtype=torch.float64 if acc == torch.float64 else torch.float32,
                          device=next(iter(params.values())).device)
         self.methods, self.kernels_used = {}, {}
-        for rule in self.rules:
-            rule.used = {}
-            s = rule.sqnorm(B, method=self.norm_method, backend=self.backend, selector=self.selector)
+        units = group_shared_inputs(self.rules) if self.group_shared_inputs else list(self.rules)
+        for unit in units:
+            unit.used = {}
+            s = unit.sqnorm(B, method=self.norm_method, backend=self.backend, selector=self.selector)
             if s is not None:
                 sq = sq + s.to(sq.dtype)
         keep = finite & torch.isfinite(sq)
@@ -286,15 +292,19 @@ class BookKeepingEngine:
         keep_rows = keep if n_drop else None
         by_id = {id(p): n for n, p in params.items()}
         sums = self._zeros(params, acc, out)
-        for rule in self.rules:
-            for attr, s in rule.clipped_sums(coef, keep_rows, backend=self.backend, selector=self.selector).items():
-                if s is not None:
-                    sums[by_id[id(rule.trainable[attr])]] += s.to(acc)
-            if rule.used:
-                self.kernels_used[rule.name] = dict(rule.used)
-                if "linear_sqnorm" in rule.used:
-                    self.methods[rule.name] = rule.used["linear_sqnorm"].split("/")[1]
-            rule.reset()  # free A and G as soon as the layer is done
+        for unit in units:
+            res = unit.clipped_sums(coef, keep_rows, backend=self.backend, selector=self.selector)
+            by_rule = res if isinstance(unit, LinearGroup) else {unit: res}
+            for rule, part in by_rule.items():
+                for attr, s in part.items():
+                    if s is not None:
+                        sums[by_id[id(rule.trainable[attr])]] += s.to(acc)
+                if unit.used:
+                    self.kernels_used[rule.name] = dict(unit.used, **({"group": unit.name}
+                                                                       if isinstance(unit, LinearGroup) else {}))
+                    if "linear_sqnorm" in unit.used:
+                        self.methods[rule.name] = unit.used["linear_sqnorm"].split("/")[1]
+            unit.reset()  # free A and G as soon as the layer (group) is done
         self.total_dropped += n_drop
         return ChunkResult(sums, B, n_drop)
 
