@@ -121,15 +121,21 @@ def test_sample_command_writes_one_row_per_class(runs, tmp_path, capsys):
     assert "99" in capsys.readouterr().err
 
 
-def test_wandb_offline_files_stay_in_the_run_folder(tmp_path, monkeypatch):
+def test_wandb_offline_files_go_to_the_run_folder_unless_the_user_says_otherwise(tmp_path, monkeypatch):
+    """Unset WANDB_DIR: wandb's offline files stay inside the run folder. A WANDB_DIR the user set
+    is respected (issue 13: wandb used to ignore it)."""
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "elsewhere"))
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
     assert cli("pretrain-ae", "--out", str(run), steps={"ae_steps": 1}) == 0
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
-    assert not (tmp_path / "elsewhere").exists()
+    mine = tmp_path / "elsewhere"
+    mine.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(mine))
+    assert cli("pretrain-ae", "--out", str(tmp_path / "run2"), steps={"ae_steps": 1}) == 0
+    assert list((mine / "wandb").glob("offline-run-*")) and not (tmp_path / "run2" / "wandb").exists()
 
 
 def test_shipped_public_model_loads_and_denoises_glyphs():

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
     data = open_public_data(cfg, tc.ae_batch_size, device, position)
     total, trainable = sum(p.numel() for p in ae.parameters()), sum(p.numel() for p in ae.parameters() if p.requires_grad)
-    logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.ae_steps, initial_step=start, job="pretrain-ae")
+    logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.ae_steps, initial_step=start, job="pretrain-ae",
+                       resume=start > 0)
     logger.info(f"[pretrain-ae] {describe_public(cfg, data)}; "
                 f"f={cfg.autoencoder.downsample_factor} -> latents ({cfg.autoencoder.latent_channels}, "
                 f"{cfg.data.image_size // cfg.autoencoder.downsample_factor}, "

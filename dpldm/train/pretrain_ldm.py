@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         wall_before, last_loss = meta.get("train_wall_s"), (meta.get("last_stats") or {}).get("loss")
 
     total, trainable = count_parameters(unet)
-    logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.steps, initial_step=start, job="pretrain-ldm")
+    logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.steps, initial_step=start, job="pretrain-ldm",
+                       resume=start > 0)
     logger.info(f"[pretrain-ldm] {describe_public(cfg, data)} -> latents {latents.latent_shape}, "
                 f"scale_factor {scale:.5f} (1/std of public latents); UNet parameters {total:,} (trainable "
                 f"{trainable:,}), {len(unet.attention_modules())} attention modules; steps {start}->{tc.steps}, "
