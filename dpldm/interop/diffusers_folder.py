@@ -292,8 +292,9 @@ def verify_export(ldm, folder: str | Path, device: str | torch.device = "cpu", u
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder, device = Path(folder), torch.device(device)
-    unet_d = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).eval()
-    vae_d = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device).eval()
+    quiet = {"low_cpu_mem_usage": False}  # (without `accelerate` diffusers would warn that it cannot be low)
+    unet_d = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **quiet).to(device).eval()
+    vae_d = AutoencoderKL.from_pretrained(folder, subfolder="vae", **quiet).to(device).eval()
     table = load_file(str(folder / "class_embedder" / "embedding.safetensors"))["weight"].to(device)
     ldm = ldm.to(device)
     unet = ldm.sampling_unet(use_ema)
