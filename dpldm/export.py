@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dpldm.interop.atomic_dir import atomic_dir
-    from dpldm.interop.diffusers_folder import export_diffusers, verify_export
+    from dpldm.interop.diffusers_folder import export_diffusers, is_private, verify_export
     from dpldm.models.ldm import load_ldm, save_ldm
     from dpldm.utils.device import resolve_device
 
@@ -70,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
               f"dpldm.json; {'raw' if args.no_ema else 'EMA'} weights)")
         print("  exact: UNet2DConditionModel, AutoencoderKL.decode, DDIM with steps = T; not exact: "
               "AutoencoderKL.encode (padding differs; see README.md)")
-    if privacy:
-        print(f"  privacy: epsilon={privacy.get('epsilon')}, delta={privacy.get('delta')} "
+    if is_private(privacy):
+        print(f"  privacy: epsilon={privacy['epsilon']:.4g}, delta={privacy.get('delta')} "
               f"({privacy.get('accountant')}, {privacy.get('steps')} steps)")
     else:
-        print("  privacy: none recorded (the model card says so)")
+        print("  privacy: no DP guarantee recorded (the model card says so)")
     if args.verify:
         errs = verify_export(ldm, out, device, use_ema=not args.no_ema)
         print(f"  verify on {device}: UNet forward rel. error {errs['unet_rel_err']:.2e}, decode rel. error "

@@ -116,7 +116,13 @@ def test_model_card_states_the_privacy_guarantee(exported, tmp_path):
         assert row in card, row
     public = save_tiny(tmp_path / "public", EXPORTABLE)  # no privacy record
     export_diffusers(load_ldm(public), tmp_path / "hub")
-    assert "No differential-privacy guarantee" in (tmp_path / "hub" / "README.md").read_text()
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "No differential-privacy guarantee" in card and "| epsilon |" not in card
+    declared = save_tiny(tmp_path / "np", EXPORTABLE, extra={"privacy": {**PRIVACY, "private": False,
+                                                                          "epsilon": float("inf")}})
+    export_diffusers(load_ldm(declared), tmp_path / "hub_np")
+    card = (tmp_path / "hub_np" / "README.md").read_text()
+    assert "declared not private" in card and "| epsilon |" not in card
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def is_private(privacy: dict[str, Any] | None) -> bool:
+    """A DP record that claims a guarantee: present, not declared not-private, finite epsilon."""
+    if not privacy or privacy.get("private") is False:
+        return False
+    eps = privacy.get("epsilon")
+    return isinstance(eps, (int, float)) and math.isfinite(eps)
+
+
 def privacy_table(privacy: dict[str, Any] | None) -> str:
+    if privacy and not is_private(privacy):
+        return ("**No differential-privacy guarantee.** This model was fine-tuned by dpldm in a run declared not "
+                f"private (train.not_private; epsilon {_fmt(privacy.get('epsilon'))}): nothing is claimed about "
+                "the data it was trained on.\n")
     if not privacy:
         return ("**No differential-privacy guarantee.** This model carries no DP fine-tuning record from dpldm "
                 "(a public pretrained model, or one trained without privacy): nothing is claimed about the data "
