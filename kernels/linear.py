@@ -77,12 +77,34 @@ def resolve_method(method: str, T: int, d_in: int, d_out: int, backend: str) -> 
 
 
 # ---- bf16 on CUDA: tensor-core GEMMs with fp32 outputs -------------------------------------------
+_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _out_dtype_supported(device: torch.device) -> bool:
+    """Whether torch.bmm/mm take out_dtype= on this device (CUDA builds of torch >= 2.8); checked
+    once on a 1x1 product. Without it the torch backend upcasts bf16 to fp32 (said once)."""
+    key = str(device)
+    if key not in _OUT_DTYPE_OK:
+        try:
+            a = torch.ones(1, 1, 1, dtype=torch.bfloat16, device=device)
+            ok = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            ok = ok and torch.mm(a[0], a[0], out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        if not ok:
+            from .registry import say_once
+            say_once(f"out_dtype@{key}", f"dpldm.kernels: torch {torch.__version__} has no bf16 GEMM with fp32 output "
+                                         f"on {device}; the torch backend upcasts bf16 to fp32 there")
+        _OUT_DTYPE_OK[key] = ok
+    return _OUT_DTYPE_OK[key]
+
+
 def tensor_cores(A: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """True where the torch reference feeds bf16 tiles to tensor cores (CUDA, bf16, no mask):
     torch.bmm/mm(..., out_dtype=torch.float32) multiply bf16 inputs exactly and accumulate in
     fp32, the same numbers as upcasting first, without the fp32 copies and at bf16 GEMM speed.
-    Elsewhere (CPU, fp16, masked rows) the inputs are upcast to fp32 first."""
-    return A.is_cuda and A.dtype == torch.bfloat16 and mask is None
+    Elsewhere (CPU, fp16, masked rows, a torch without out_dtype) the inputs are upcast to fp32."""
+    return A.is_cuda and A.dtype == torch.bfloat16 and mask is None and _out_dtype_supported(A.device)
 
 
 def _bmm32(a: torch.Tensor, b: torch.Tensor, tc: bool) -> torch.Tensor:
@@ -157,7 +179,7 @@ def clipped_sum_linear_torch(A: torch.Tensor, G: torch.Tensor, coef: torch.Tenso
     if tc:
         hi, lo = split_bf16(Gc.reshape(B * T, d_out))  # (B*T, d_out) each
         A2 = A.reshape(B * T, d_in)
-        if A.is_cuda:
+        if A.is_cuda and _out_dtype_supported(A.device):
             weight = torch.mm(hi.t(), A2, out_dtype=torch.float32) + torch.mm(lo.t(), A2, out_dtype=torch.float32)
         else:  # the same arithmetic on CPU (tests): exact bf16 products, fp32 accumulation
             A2 = A2.to(acc)
