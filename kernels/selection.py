@@ -184,17 +184,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, args, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds of fn(*args) over `repeats` synchronised calls after `warmup` calls."""
+def time_call(fn, args, device: torch.device, repeats: int, warmup: int, min_group_s: float = 1e-3) -> float:
+    """Median seconds per call of fn(*args): `warmup` untimed calls, then `repeats` timed groups,
+    each of n back-to-back calls closed by one synchronisation, n chosen (<= 100) so that a group
+    lasts >= min_group_s: kernels of a few microseconds are not timed by the launch and sync cost."""
     for _ in range(warmup):
         fn(*args)
     _sync(device)
+    t0 = time.perf_counter()
+    fn(*args)
+    _sync(device)
+    one = time.perf_counter() - t0
+    n = max(1, min(100, int(min_group_s / max(one, 1e-7))))
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn(*args)
+        for _ in range(n):
+            fn(*args)
         _sync(device)
-        ts.append(time.perf_counter() - t0)
+        ts.append((time.perf_counter() - t0) / n)
     return statistics.median(ts)
 
 

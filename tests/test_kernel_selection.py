@@ -103,21 +103,22 @@ def test_selector_keeps_the_fastest_times_on_public_shapes_and_caches(tmp_path):
     shape = LinearShape(7, 24, 40, True)
     impl, reason = sel.choose("linear_sqnorm", torch.device("cpu"), torch.float32, shape, [slow, fast])
     assert impl is fast and reason.startswith("measured")
-    # every candidate timed warmup + repeats times on synthetic (P=16, T, d) tensors, not the chunk
-    assert len(calls) == 8 and all(s == ((16, 7, 24), (16, 7, 40)) for _, s in calls)
+    # every candidate: warmup + 1 calibration + repeats calls (a group of n = 1 call: each lasts >= 1 ms),
+    # on synthetic (P=16, T, d) tensors, not the chunk
+    assert len(calls) == 10 and all(s == ((16, 7, 24), (16, 7, 40)) for _, s in calls)
     entry = sel.choices[sel.key("linear_sqnorm", torch.device("cpu"), torch.float32, shape)]
     assert entry.choice == "cpp/fused" and entry.times_ms["cpp/fused"] < entry.times_ms["torch/ghost"]
     assert entry.times_ms["torch/ghost"] >= 30.0  # the median of real sleeps, in ms
     assert len(log) == 1 and "cpp/fused" in log[0] and "P=16" in log[0]
     # second ask: no new timing
     sel.choose("linear_sqnorm", torch.device("cpu"), torch.float32, shape, [slow, fast])
-    assert len(calls) == 8
+    assert len(calls) == 10
     # the cache file (atomic JSON) is reloaded by a new selector: same choice, nothing timed
     data = json.loads(path.read_text())
     assert data["version"] == 1 and list(data["choices"].values())[0]["choice"] == "cpp/fused"
     sel2 = KernelSelector(16, cache_path=path)
     impl2, reason2 = sel2.choose("linear_sqnorm", torch.device("cpu"), torch.float32, shape, [slow, fast])
-    assert impl2 is fast and reason2.startswith("cached") and len(calls) == 8
+    assert impl2 is fast and reason2.startswith("cached") and len(calls) == 10
     assert "cpp/fused" in sel2.summary() and "torch/ghost" in sel2.summary()
 
 
@@ -162,6 +163,18 @@ def test_selector_arguments_are_checked():
         KernelSelector(4, repeats=0)
     with pytest.raises(TypeError, match="KernelSelector"):
         BookKeepingEngine(nn.Linear(2, 2), 1.0, selector="fast")
+
+
+def test_time_call_groups_short_calls():
+    from dpldm.kernels.selection import time_call
+
+    n = [0]
+
+    def tiny():
+        n[0] += 1
+
+    t = time_call(tiny, (), torch.device("cpu"), repeats=3, warmup=2)
+    assert 0 < t < 1e-3 and n[0] > 2 + 1 + 3  # grouped: many calls per timed repeat
 
 
 def test_synthetic_inputs_depend_only_on_public_shape():
