@@ -471,7 +471,16 @@ def write_cpu_doc(all_res: dict[int, dict], threads: int, config: str, rounds: i
                 "of the step)" if clip is not None else ""
         lines.append(f"- batch {batch}: {rr['opacus_hooks_time_vs_dpldm']:.2f}x faster than Opacus hooks, "
                      f"{rr['opacus_ghost_time_vs_dpldm']:.2f}x faster than Opacus ghost{share}.")
-    lines += ["", f"Kernels the fixed rule ran (dpldm, per op call): {json.dumps(d.get('kernels_used', {}))}", ""]
+    lines += ["", f"Kernels the fixed rule ran (dpldm, per op call): {json.dumps(d.get('kernels_used', {}))}",
+              "", "Targets (CPU): dpldm <= 1.25x non-private time, <= 1.2x its memory, >= 1.3x faster than Opacus "
+              "hooks; no regression of `--quick` (see \"Kernel selection\" for the before/after record).",
+              "", "Where the dpldm time goes: the forward + single backward with the engine's autograd Functions costs "
+              "about the non-private forward + backward (the Functions return no weight gradient, so autograd skips "
+              "those GEMMs); after it, the norm + clipped-sum phase (above) splits roughly half and half between the "
+              "per-example norms and the clipped-sum GEMMs (the same work the non-private backward spends on weight "
+              "gradients), plus per-layer dispatch and one fp32 noise draw. Memory overhead: the output gradients G "
+              "of the trainable layers kept until all norms are known (book-keeping's price) and one fp32 "
+              "accumulator.", ""]
     _replace_section(SECTION, lines)
 
 

@@ -38,8 +38,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dpldm.privacy.layers import (LayerRule, LinearGroup, RowMismatchError, UnsupportedLayerError,
-                                  group_shared_inputs, rule_for)
+from dpldm.privacy.groups import LinearGroup, group_shared_inputs
+from dpldm.privacy.layers import LayerRule, RowMismatchError, UnsupportedLayerError, rule_for
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
            "RowMismatchError", "clipped_gradient_sum", "NORM_METHODS", "NONFINITE_RULES"]
@@ -82,7 +82,7 @@ class BookKeepingEngine:
     distinct public layer shape is timed once and the fastest kernel kept; with selector=None a
     fixed deterministic rule (kernels/registry.py). `kernels_used` names what ran per layer.
     group_shared_inputs (default True): Linear layers that read the same input tensor (q, k, v)
-    share one norm kernel and one clipped-sum GEMM (layers.LinearGroup; exact, fewer launches).
+    share one norm kernel and one clipped-sum GEMM (groups.LinearGroup; exact, fewer launches).
 
     Mixed precision: run the forward of `per_example_loss_fn` under torch.autocast (bf16) with
     fp32 parameters; the rules then record bf16 A and G (fp32 where the layer's input was fp32),
