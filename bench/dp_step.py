@@ -232,10 +232,15 @@ def _engine_report(extra: dict, out: dict) -> None:
     if "engine" in extra:
         eng = extra["engine"]
         counts: dict[str, int] = {}
+        groups = set()
         for ops in eng.kernels_used.values():
-            for name in ops.values():
-                counts[name] = counts.get(name, 0) + 1
-        out["kernels_used"] = counts
+            for op, name in ops.items():
+                if op == "group":
+                    groups.add(name)
+                else:
+                    counts[f"{op}:{name}"] = counts.get(f"{op}:{name}", 0) + 1
+        out["kernels_used"] = counts  # per layer and op ("linear_sqnorm:cpp/fused": layers)
+        out["shared_input_groups"] = sorted(len(g.split("+")) for g in groups)  # sizes of the q/k/v-like groups
         out["norm_methods"] = dict(eng.methods)
     if extra.get("selector") is not None:
         out["selection"] = extra["selector"].summary()
@@ -471,7 +476,9 @@ def write_cpu_doc(all_res: dict[int, dict], threads: int, config: str, rounds: i
                 "of the step)" if clip is not None else ""
         lines.append(f"- batch {batch}: {rr['opacus_hooks_time_vs_dpldm']:.2f}x faster than Opacus hooks, "
                      f"{rr['opacus_ghost_time_vs_dpldm']:.2f}x faster than Opacus ghost{share}.")
-    lines += ["", f"Kernels the fixed rule ran (dpldm, per op call): {json.dumps(d.get('kernels_used', {}))}",
+    lines += ["", f"Kernels the fixed rule ran (dpldm; layers per op and implementation): "
+              f"{json.dumps(d.get('kernels_used', {}))}; layers sharing one input grouped (group sizes): "
+              f"{d.get('shared_input_groups', [])}.",
               "", "Targets (CPU): dpldm <= 1.25x non-private time, <= 1.2x its memory, >= 1.3x faster than Opacus "
               "hooks; no regression of `--quick` (see \"Kernel selection\" for the before/after record).",
               "", "Where the dpldm time goes: the forward + single backward with the engine's autograd Functions costs "
