@@ -20,9 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-ldm": ("dpldm.train.pretrain_ldm", "pretrain the class-conditional LDM on public latents"),
     "privacy": ("dpldm.privacy.cli", "calibrate sigma or report epsilon with Opacus' accountants"),
     "finetune": ("dpldm.train.finetune", "DP fine-tune the attention modules on private data"),
-    "sample": ("dpldm.sample", "sample a PNG grid from a checkpoint"),
+    "sample": ("dpldm.sample", "sample a PNG grid or a labelled set (npz, png-dir) from a checkpoint"),
     "evaluate": ("dpldm.eval.cli", "FID, KID and downstream accuracy of synthetic samples"),
     "audit": ("dpldm.privacy.audit", "one-run empirical privacy audit (Steinke et al. 2023)"),
+    "export": ("dpldm.export", "export a model as a diffusers folder (or a diffusers folder back to dpldm)"),
     "demo": ("dpldm.demo", "the end-to-end demo on the embedded data"),
 }
 
@@ -34,7 +35,10 @@ def _input_error_types() -> tuple[type, ...]:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    from dpldm import __version__
+
     parser = argparse.ArgumentParser(prog="dpldm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dpldm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

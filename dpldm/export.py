@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpldm.interop.atomic_dir import atomic_dir
+    from dpldm.utils.io import atomic_dir
     from dpldm.interop.diffusers_folder import export_diffusers, is_private, verify_export
     from dpldm.models.ldm import load_ldm, save_ldm
     from dpldm.utils.device import resolve_device

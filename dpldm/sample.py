@@ -164,7 +164,7 @@ def write_png_dir(folder: Path, images: np.ndarray, labels: np.ndarray, meta: di
     """CLASS/NNNNNN.png + samples.json, built in a hidden temporary folder and renamed into place."""
     from PIL import Image
 
-    from dpldm.interop.atomic_dir import atomic_dir
+    from dpldm.utils.io import atomic_dir
 
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         for i, (img, y) in enumerate(zip(images, labels)):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from dpldm.checkpoint import CheckpointError
 from dpldm.config import ConfigError, RunConfig
 from dpldm.interop import diffusers_layout as L
-from dpldm.interop.atomic_dir import atomic_dir
+from dpldm.utils.io import atomic_dir
 
 FORMAT = "dpldm-diffusers"
 FORMAT_VERSION = 1

@@ -19,14 +19,28 @@ One run (single process; `world=` for several ranks, see dp_step.World):
 Noise-free check: `clipped_gradient_sum(model, per_example_loss_fn, batch, C)`.
 Accounting alone: `calibrate_noise(eps, delta, q, steps, accountant)`, `compute_epsilon(...)`.
 """
-from dpldm.privacy.accountant import (PrivacyLedger, PrivacyParameterError, calibrate_noise,
-                                      compute_epsilon)
-from dpldm.privacy.dp_step import DPStep, DPStepOrderError, World
-from dpldm.privacy.engine import (BookKeepingEngine, NonFiniteGradientError, RowMismatchError,
-                                  UnsupportedLayerError, clipped_gradient_sum)
-from dpldm.privacy.noise import GaussianNoise
-from dpldm.privacy.sampler import PoissonPlan
+import importlib
 
-__all__ = ["BookKeepingEngine", "DPStep", "DPStepOrderError", "GaussianNoise", "NonFiniteGradientError",
-           "PoissonPlan", "PrivacyLedger", "PrivacyParameterError", "RowMismatchError", "UnsupportedLayerError",
-           "World", "calibrate_noise", "clipped_gradient_sum", "compute_epsilon"]
+# name -> module: imported on first use (PEP 562), so `dpldm privacy` (accounting only) does not
+# load the engine, the kernels or torch's autograd machinery
+_LAZY = {
+    "PrivacyLedger": "accountant", "PrivacyParameterError": "accountant", "calibrate_noise": "accountant",
+    "compute_epsilon": "accountant",
+    "DPStep": "dp_step", "DPStepOrderError": "dp_step", "World": "dp_step",
+    "BookKeepingEngine": "engine", "NonFiniteGradientError": "engine", "RowMismatchError": "engine",
+    "UnsupportedLayerError": "engine", "clipped_gradient_sum": "engine",
+    "GaussianNoise": "noise", "PoissonPlan": "sampler",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dpldm.privacy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dpldm.privacy.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -248,6 +248,7 @@ class Trainer:
         else:
             def fresh():
                 ledger = PrivacyLedger.from_config(pc, N, seed=tc.seed if tc.deterministic else None)
+                ledger.epsilon_after(pc.steps)  # accountable to the end (bounded; raises before any work)
                 check_explicit_sigma(pc, ledger)
                 return ledger.state_dict(), (tc.seed if tc.deterministic else new_secret_seed())
             ledger_state, diffusion_seed = ctx.on_main(fresh)
