@@ -49,7 +49,7 @@ class Choice:
     def line(self) -> str:
         times = ", ".join(f"{n} {t:.3g} ms" for n, t in sorted(self.times_ms.items(), key=lambda kv: kv[1]))
         skip = "".join(f"; {n} skipped: {why}" for n, why in self.skipped.items())
-        return f"{self.key}: {self.choice} ({times}{skip})"
+        return f"{self.key}: {self.choice} ({times or 'chosen elsewhere, loaded'}{skip})"
 
 
 class KernelSelector:
@@ -175,8 +175,20 @@ class KernelSelector:
             return "kernel selection: nothing measured yet"
         return "\n".join(f"kernel selection: {c.line()}" for c in self.choices.values())
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, str]:
+        """{key: chosen implementation}: what another rank needs to make the same choices."""
         return {k: c.choice for k, c in self.choices.items()}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        """Adopt choices made elsewhere (e.g. rank 0's, broadcast), so every rank runs the same
+        kernels; keys already chosen here must agree. Saved to cache_path like measured ones."""
+        for key, name in state.items():
+            if key in self.choices and self.choices[key].choice != name:
+                raise ValueError(f"kernel choice for '{key}' is {self.choices[key].choice!r} here, {name!r} in the "
+                                 "state to load: a run keeps its kernel choices")
+            if key not in self.choices:
+                self.choices[key] = Choice(key, name)
+        self._save()
 
 
 def _sync(device: torch.device) -> None:

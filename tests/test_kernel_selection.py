@@ -137,6 +137,24 @@ def test_cached_choice_that_cannot_run_here_is_an_error_naming_the_file(tmp_path
     assert path.read_text() == "{not json"  # never overwritten
 
 
+def test_choices_travel_between_selectors(tmp_path):
+    """Rank 0 measures, the others load its state_dict: the same kernels everywhere, nothing timed."""
+    calls: list = []
+    slow, fast = _fake("torch/ghost", 0.01, calls), _fake("cpp/fused", 0.0, calls)
+    shape = LinearShape(5, 8, 8, False)
+    cpu = torch.device("cpu")
+    rank0 = KernelSelector(4)
+    rank0.choose("linear_sqnorm", cpu, torch.float32, shape, [slow, fast])
+    n = len(calls)
+    rank1 = KernelSelector(4, cache_path=tmp_path / "r1.json")
+    rank1.load_state_dict(rank0.state_dict())
+    impl, reason = rank1.choose("linear_sqnorm", cpu, torch.float32, shape, [slow, fast])
+    assert impl is fast and reason.startswith("cached") and len(calls) == n
+    assert KernelSelector(4, cache_path=tmp_path / "r1.json").state_dict() == rank0.state_dict()
+    with pytest.raises(ValueError, match="keeps its kernel choices"):
+        rank1.load_state_dict({k: "torch/ghost" for k in rank0.state_dict()})
+
+
 def test_memory_guard_and_failing_candidates_are_stated():
     calls: list = []
 
