@@ -20,11 +20,14 @@ from functools import lru_cache
 
 import torch
 
+from dpldm.errors import InputError
+
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested kernel backend cannot run here; the message says why."""
+class BackendUnavailableError(InputError, RuntimeError):
+    """The requested kernel backend cannot run here; the message says why (an input error: the
+    CLI prints it as one line, exit 2)."""
 
 
 @lru_cache(maxsize=None)
@@ -92,7 +95,8 @@ def why_unavailable(backend: str, device=None) -> str | None:
 
 
 def available_backends(device=None) -> tuple[str, ...]:
-    """Concrete backends that can run on tensors of `device` (default CPU), best first for auto."""
+    """Concrete backends that can run on tensors of `device` (default CPU), in the fixed rule's order of
+    preference (registry.py; torch last)."""
     dev = _device(device)
     order = ("triton", "cuda", "torch") if dev.type == "cuda" else ("cpp", "triton", "torch")
     return tuple(b for b in order if why_unavailable(b, dev) is None)

@@ -30,10 +30,16 @@ from typing import Callable
 
 import torch
 
+from dpldm.errors import InputError
+
 from .dispatch import BackendUnavailableError
 from .registry import Impl, LinearShape, NormShape, bytes_estimate, impls
 
 CACHE_VERSION = 1
+
+
+class KernelCacheError(InputError, ValueError):
+    """The kernel-selection cache file of a run cannot be read (one line, names the file)."""
 
 
 @dataclass
@@ -86,8 +92,8 @@ class KernelSelector:
                 self.choices[key] = Choice(key, e["choice"], dict(e.get("times_ms", {})), dict(e.get("skipped", {})),
                                            e.get("device_name", ""))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"kernel selection cache {path} is unreadable ({type(e).__name__}: {e}); "
-                             "delete it to measure again") from None
+            raise KernelCacheError(f"kernel selection cache {path} is unreadable ({type(e).__name__}: {e}); "
+                                   "delete it to measure again") from None
 
     def _save(self) -> None:
         if self.cache_path is None:

@@ -39,9 +39,12 @@ def test_registry_covers_every_op_on_torch_and_names_its_dtypes():
 
 
 def test_explicit_backend_that_cannot_run_is_an_error_with_the_reason():
+    from dpldm.errors import InputError
+
     cpu = torch.device("cpu")
-    with pytest.raises(K.BackendUnavailableError, match="CUDA"):
+    with pytest.raises(K.BackendUnavailableError, match="CUDA") as e:
         registry.select("linear_sqnorm", cpu, torch.float32, backend="cuda", method="fused")
+    assert isinstance(e.value, InputError)  # a config choice: one line and exit 2 from the CLI
     with pytest.raises(K.BackendDtypeError, match="fp16, bf16 or fp32") as e:
         registry.select("linear_clipped_sum", cpu, torch.float64, backend="triton")
     assert isinstance(e.value, TypeError)
@@ -132,8 +135,10 @@ def test_cached_choice_that_cannot_run_here_is_an_error_naming_the_file(tmp_path
     with pytest.raises(K.BackendUnavailableError, match="kernels.json.*cannot run here"):
         sel.choose("linear_sqnorm", torch.device("cpu"), torch.float32, shape, registry.impls("linear_sqnorm", "torch"))
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="kernels.json is unreadable"):
+    with pytest.raises(ValueError, match="kernels.json is unreadable") as e:
         KernelSelector(8, cache_path=path)
+    from dpldm.errors import InputError
+    assert isinstance(e.value, InputError)
     assert path.read_text() == "{not json"  # never overwritten
 
 
