@@ -344,6 +344,13 @@ def test_unsupported_trainable_layer_refused_at_setup():
         BookKeepingEngine(mha, 1.0)
 
 
+def test_explicit_backend_that_cannot_run_is_refused_at_setup():
+    from dpldm.kernels import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' is unavailable .* on cpu"):
+        BookKeepingEngine(nn.Linear(3, 2), 1.0, backend="cuda")
+
+
 def test_embedding_max_norm_refused_trainable_or_frozen():
     """max_norm renorms the looked-up rows in place during the forward: the weights would move with
     the private batch outside the noised update (shown first, then refused)."""

@@ -115,6 +115,15 @@ class BookKeepingEngine:
         self.param_names: dict[int, str] = {}  # id(param) -> name
         self._stat_modules: list[tuple[str, nn.Module]] = []  # modules that may update running stats
         self._build()
+        if backend != "auto":  # an explicit backend that cannot run on the parameters' device: say so now
+            from dpldm.kernels import BackendUnavailableError
+            from dpldm.kernels.dispatch import why_unavailable
+
+            dev = next(iter(self.trainable.values())).device
+            why = why_unavailable(backend, dev)
+            if why is not None:
+                raise BackendUnavailableError(f"kernel backend {backend!r} is unavailable for the model's trainable "
+                                              f"parameters on {dev}: {why}")
         self.methods: dict[str, str] = {}  # layer name -> norm method used in the last chunk
         self.kernels_used: dict[str, dict[str, str]] = {}  # layer name -> {op: implementation} (last chunk)
         self.total_dropped = 0  # private: never log
