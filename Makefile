@@ -40,6 +40,7 @@ results: install
 lint: install
 	$(PY) -m pyflakes dpldm kernels launch bench tests
 	bash -n launch/slurm/finetune.sbatch
+	bash -n bench/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -81,12 +81,12 @@ class DPStep:
                  noise: GaussianNoise | None = None, optimizer: torch.optim.Optimizer | None = None,
                  world: World | None = None, norm_method: str = "auto", backend: str = "auto",
                  nonfinite: str = "raise", physical_batch_size: int | None = None,
-                 acc_dtype: torch.dtype | None = None) -> None:
+                 acc_dtype: torch.dtype | None = None, selector=None) -> None:
         if not isinstance(ledger, PrivacyLedger):
             raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
         self.model, self.loss_fn, self.ledger = model, per_example_loss_fn, ledger
         self.engine = BookKeepingEngine(model, ledger.max_grad_norm, norm_method=norm_method, backend=backend,
-                                        nonfinite=nonfinite)
+                                        nonfinite=nonfinite, selector=selector)
         self.noise = noise if noise is not None else GaussianNoise()
         self.optimizer = optimizer
         self.world = world or World()

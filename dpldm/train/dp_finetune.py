@@ -37,6 +37,7 @@ from dpldm.errors import RunFolderError, UserError
 from dpldm.train.dp_state import InitInfo
 
 RESULT_PREFIX = "RESULT_JSON "
+KERNEL_CHOICES = "kernel_selection.json"  # the measured kernel choices of a run (public shapes only)
 
 
 @dataclass
@@ -274,9 +275,15 @@ class Trainer:
                                timesteps_per_example=cfg.diffusion.timesteps_per_example,
                                cond_drop_prob=cfg.diffusion.cond_drop_prob, seed=diffusion_seed, device=ctx.device,
                                precision=tc.precision)
+        self.selector = None
+        if pc.backend == "auto":  # kernels chosen by measurement on this machine (public shapes, synthetic data)
+            from dpldm.kernels.selection import KernelSelector
+
+            self.selector = KernelSelector(pc.physical_batch_size,
+                                           cache_path=self.run_dir / KERNEL_CHOICES if ctx.is_main else None)
         self.dp = DPStep(unet, loss, self.ledger, noise=noise, optimizer=self.optimizer, world=ctx.world(),
                          norm_method=pc.norm_method, backend=pc.backend, physical_batch_size=pc.physical_batch_size,
-                         acc_dtype=torch.float64)
+                         acc_dtype=torch.float64, selector=self.selector)
         if resumed is not None:
             tensors, meta, folder = resumed
             restore_state(tensors, meta, trainable=self.trainable, ema=self.ema, optimizer=self.optimizer,
@@ -375,6 +382,9 @@ class Trainer:
                 self.step()
                 s = dp.step_index
                 logger.advance()
+                if s == start + 1 and self.selector is not None:
+                    logger.info(f"[finetune] kernels chosen by measurement (cached in {self.run_dir / KERNEL_CHOICES}):\n"
+                                + self.selector.summary())
                 if self.opts.check_every and s % self.opts.check_every == 0:
                     self.model.sync_check()
                 if s % tc.log_every == 0 or s == pc.steps:
