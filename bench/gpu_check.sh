@@ -91,13 +91,13 @@ fi
 
 # ---- (a) tests ------------------------------------------------------------------------------------
 TESTS="tests/test_kernels_gpu.py tests/test_kernels_triton.py tests/test_engine_bf16.py tests/test_kernel_selection.py"
-stage tests 90 env DPLDM_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x -p no:cacheprovider $TESTS
-stage tests_autotune 45 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py \
+stage tests 80 env DPLDM_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x -p no:cacheprovider $TESTS
+stage tests_autotune 40 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py \
   -k "autotune or same_inputs or selector"
 
 # ---- (b) kernels bench, (c) DP step bench ------------------------------------------------------------
 stage kernels 30 "$PY" bench/kernels.py --quick --device cuda --reps 3 --json "$LOGS/kernels.json"
-stage dp_step 90 "$PY" bench/dp_step.py --device cuda --quick --json
+stage dp_step 75 "$PY" bench/dp_step.py --device cuda --quick --json
 
 # ---- (d) 20-step fine-tuning, fp32 and bf16; (e) ZeRO-3 launch, 5 steps ----------------------------------
 for prec in fp32 bf16; do
