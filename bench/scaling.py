@@ -96,7 +96,6 @@ def worker(args: argparse.Namespace) -> None:
         ctx.barrier()
         t0 = time.perf_counter()
         counts = run_logical_step(dp, load, lockstep=sm.lockstep, dummy_batch=dummy, after_pass=sm.after_backward)
-        counts["global"] = int(ledger.plan.indices(dp.step_index - 1).numel())
         if cuda:
             torch.cuda.synchronize()
         ctx.barrier()

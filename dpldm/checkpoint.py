@@ -51,12 +51,7 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> tuple[dict[str, 
     meta_path, tensor_path = folder / META, folder / TENSORS
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path}: missing (incomplete checkpoint)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+    meta = read_json_object(meta_path, "incomplete checkpoint")
     if not tensor_path.is_file():
         raise CheckpointError(f"{tensor_path}: missing")
     if verify and meta.get("tensors_sha256") and meta["tensors_sha256"] != sha256_file(tensor_path):
@@ -66,6 +61,20 @@ def load_checkpoint(folder: str | Path, verify: bool = True) -> tuple[dict[str, 
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({e})") from None
     return tensors, meta
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from `path`; CheckpointError naming the file when it is missing (`missing`
+    says what that means), not JSON, or not an object."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing ({missing})")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

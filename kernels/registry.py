@@ -271,6 +271,13 @@ def say_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+def require_available(backend: str, dev: torch.device) -> None:
+    """Raise BackendUnavailableError (with the reason) when an explicit `backend` cannot run on `dev`."""
+    why = why_unavailable(backend, dev)
+    if why is not None:
+        raise BackendUnavailableError(f"kernel backend {backend!r} is unavailable: {why}")
+
+
 def resolve_backend(backend: str, device=None) -> str:
     """The backend family the fixed rule prefers on `device` (explicit ones are checked and
     returned). On CPU "auto" names cpp, but the fixed rule still sends ghost norms and every
@@ -279,9 +286,7 @@ def resolve_backend(backend: str, device=None) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dev = _device(device)
     if backend != "auto":
-        why = why_unavailable(backend, dev)
-        if why is not None:
-            raise BackendUnavailableError(f"kernel backend {backend!r} is unavailable: {why}")
+        require_available(backend, dev)
         return backend
     if dev.type == "cuda":
         for b in ("triton", "cuda"):
@@ -352,9 +357,7 @@ def select(op: str, device, dtype: torch.dtype, *, backend: str = "auto", method
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     dev = _device(device)
     if backend != "auto":
-        why = why_unavailable(backend, dev)
-        if why is not None:
-            raise BackendUnavailableError(f"kernel backend {backend!r} is unavailable: {why}")
+        require_available(backend, dev)
         op_impls = impls(op, backend)
         why = op_impls[0].why_not(dev, dtype)
         if why is not None:

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dpldm.checkpoint import CheckpointError
+from dpldm.checkpoint import CheckpointError, read_json_object
 from dpldm.config import ConfigError, RunConfig
 from dpldm.interop import diffusers_layout as L
 from dpldm.utils.io import atomic_dir
@@ -207,15 +207,7 @@ with torch.no_grad():
 # -- import ------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a complete diffusers export)")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return obj
+    return read_json_object(path, "not a complete diffusers export")
 
 
 def _read_tensors(path: Path, missing: str = "dpldm reads safetensors weights only") -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ def run_logical_step(dp, load_batch: Callable[[torch.Tensor], Any], *, lockstep:
         if after_pass is not None:
             after_pass()
     dp.step()
-    return {"step": step, "global": int(dp.ledger.plan.indices(step).numel()), "share": int(share.numel()),
+    return {"step": step, "global": dp.global_size, "share": int(share.numel()),
             "chunks": len(dp.my_chunks), "passes": dp.passes_per_rank, "dummies": dummies}
 
 

@@ -100,6 +100,7 @@ class DPStep:
         if physical_batch_size is not None and (isinstance(physical_batch_size, bool) or physical_batch_size < 1):
             raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size!r}")
         self.physical_batch_size = physical_batch_size
+        self.global_size = 0  # examples in the current step's global sample (private: tests and debugging only)
         self.my_chunks: list[torch.Tensor] = []  # this rank's chunks of the current step
         self.passes_per_rank = 0  # chunks per rank of the current step (the same on every rank)
         self.acc: dict[str, torch.Tensor] | None = None
@@ -125,6 +126,7 @@ class DPStep:
         plan: PoissonPlan = self.ledger.plan
         sample = plan.indices(self.step_index)  # (|S|,) the global sample, sorted
         W, r = self.world.world_size, self.world.rank
+        self.global_size = int(sample.numel())
         if self.physical_batch_size is not None:
             chunks = global_chunks(sample, self.physical_batch_size)
             self.my_chunks = chunks[r::W]

@@ -155,8 +155,7 @@ def load_init(cfg: RunConfig, opts: FinetuneOptions, run_dir: Path):
     ldm.copy_ema_to_unet()  # fine-tune from the public EMA weights
     ldm.ae.requires_grad_(False).eval()
     info = InitInfo(folder=str(folder), scale_factor=float(ldm.scale_factor),
-                    ae_sha256=state_sha256(ldm.ae.state_dict()), unet_sha256=state_sha256(ldm.unet.state_dict()),
-                    weights="ema")
+                    ae_sha256=state_sha256(ldm.ae.state_dict()), unet_sha256=state_sha256(ldm.unet.state_dict()))
     return info, ldm
 
 
@@ -214,11 +213,11 @@ class Trainer:
         from dpldm.parallel.zero import build_model, load_ds_config, zero_stage
         from dpldm.privacy import DPStep, GaussianNoise, PrivacyLedger
         from dpldm.train.common import warmup_scheduler
-        from dpldm.train.dp_loss import DiffusionDPLoss
+        from dpldm.train.dp_loss import ChunkBatch, DiffusionDPLoss
         from dpldm.train.dp_state import (TrainableEMA, check_same_data, check_same_init, config_changes,
                                           load_latest_state, restore_state)
         from dpldm.train.draws import new_secret_seed
-        from dpldm.train.private_data import open_private_data
+        from dpldm.train.private_data import latent_shape, open_private_data
 
         cfg, ctx, tc, pc = self.cfg, self.ctx, self.cfg.train, self.cfg.privacy
 
@@ -288,6 +287,8 @@ class Trainer:
             tensors, meta, folder = resumed
             restore_state(tensors, meta, trainable=self.trainable, ema=self.ema, optimizer=self.optimizer,
                           scheduler=self.scheduler)
+        self.dummy = ChunkBatch(torch.zeros((1, *latent_shape(cfg))), torch.zeros(1, dtype=torch.int64),
+                                torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step)
         self.model.sync_check()
         self.resumed_from = str(resumed[2]) if resumed is not None else None
         self.saved_by = resumed[1]["world_size"] if resumed is not None else None
@@ -351,12 +352,8 @@ class Trainer:
         """One logical DP step (collective): this rank's chunks, noise once, all-reduce, / q*N,
         AdamW, EMA. The loop below calls nothing else to train."""
         from dpldm.parallel.step import run_logical_step
-        from dpldm.train.dp_loss import ChunkBatch
-        from dpldm.train.private_data import latent_shape
 
-        dummy = ChunkBatch(torch.zeros((1, *latent_shape(self.cfg))), torch.zeros(1, dtype=torch.int64),
-                           torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step)
-        run_logical_step(self.dp, self.load, lockstep=self.model.lockstep, dummy_batch=dummy,
+        run_logical_step(self.dp, self.load, lockstep=self.model.lockstep, dummy_batch=self.dummy,
                          after_pass=self.model.after_backward if self.stage == 3 else None)
         self.scheduler.step()
         self.ema.update(self.trainable)

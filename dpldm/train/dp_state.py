@@ -54,13 +54,13 @@ FREE_TO_CHANGE: dict[str, set[str]] = {
 
 @dataclass
 class InitInfo:
-    """Where the run started: the public model folder and hashes that identify its weights."""
+    """Where the run started: the public model folder and hashes that identify its weights (the
+    UNet hash is of the public model's EMA weights, which fine-tuning starts from)."""
 
     folder: str
     scale_factor: float
     ae_sha256: str
     unet_sha256: str
-    weights: str  # "ema" (the public model's EMA) or "unet"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
