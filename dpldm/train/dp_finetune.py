@@ -111,7 +111,9 @@ def train(cfg: RunConfig, opts: FinetuneOptions) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     ctx = open_context(cfg, opts)
     try:
-        return Trainer(cfg, opts, ctx).run()
+        result = Trainer(cfg, opts, ctx).run()
+        ctx.barrier()  # every rank is past its last collective before the process group is torn down
+        return result
     finally:
         ctx.close()
 
