@@ -113,6 +113,25 @@ def test_kid_matches_direct_computation(monkeypatch):
     assert r2.mean == pytest.approx(r.mean, rel=1e-12)
 
 
+def test_kid_subsets_are_smaller_than_the_sets():
+    """500 vs 500 with 100 subsets: subsets of 250 (not all 500, whose spread would read 0), and
+    the mean and spread equal a direct loop over the same draws."""
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(500, 8)) + 0.2, rng.normal(size=(500, 8))
+    r = kernel_inception_distance(x, y, num_subsets=100, max_subset_size=1000, seed=3)
+    assert r.subset_size == 250 and r.num_subsets == 100
+    g = np.random.default_rng(3)
+    want = []
+    for _ in range(100):
+        ix, iy = g.choice(500, 250, replace=False), g.choice(500, 250, replace=False)
+        want.append(mmd2_unbiased(x[ix], y[iy]))
+    assert r.mean == pytest.approx(np.mean(want), rel=1e-10)
+    assert r.std == pytest.approx(np.std(want), rel=1e-8) and r.std > 0
+    # a set smaller than max_subset_size on one side only: the smaller side is halved
+    r = kernel_inception_distance(x[:300], y, num_subsets=5, max_subset_size=1000)
+    assert r.subset_size == 150
+
+
 def test_kid_identical_and_same_distribution_near_zero():
     rng = np.random.default_rng(8)
     x = rng.normal(size=(400, 32))

@@ -220,7 +220,9 @@ _KID_GRAM_LIMIT = 25_000_000
 def kernel_inception_distance(sample_features: np.ndarray, real_features: np.ndarray,
                               num_subsets: int = 100, max_subset_size: int = 1000,
                               seed: int = 0) -> KIDResult:
-    """KID: mean and std over `num_subsets` random subsets of size min(n1, n2, max_subset_size).
+    """KID: mean and std over `num_subsets` random subsets of size min(n1, n2, max_subset_size),
+    halved when that is the whole smaller set and several subsets are asked for (every subset
+    would then hold the same points, so the spread over subsets would read 0 and say nothing).
 
     Same subsets and estimator as clean-fid's `kernel_distance`; when the full kernel matrices
     fit in memory they are computed once and each subset only sums a block of them.
@@ -235,6 +237,8 @@ def kernel_inception_distance(sample_features: np.ndarray, real_features: np.nda
     if num_subsets < 1:
         raise UserError(f"KID: num_subsets must be >= 1, got {num_subsets}")
     n1, n2 = len(x_all), len(y_all)
+    if num_subsets > 1 and m == min(n1, n2) and m >= 4:
+        m //= 2  # subsets smaller than the set, so that they differ
     gram = max(n1, n2) ** 2 <= _KID_GRAM_LIMIT
     if gram:
         kxx_all, kyy_all = _poly_kernel(x_all, x_all), _poly_kernel(y_all, y_all)
