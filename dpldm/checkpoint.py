@@ -22,26 +22,34 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dpldm.utils.io import atomic_path, atomic_write_text, fsync_dir
+from dpldm.utils.io import FILE_MODE, atomic_path, atomic_write_text, fsync_dir
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
+SECRET_FILE_MODE, SECRET_DIR_MODE = 0o600, 0o700  # checkpoints holding a private run's seeds
 
 
 class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not match what loads it."""
 
 
-def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write `tensors` and `meta` into `folder` atomically (tensors first, meta.json last)."""
+def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    private: bool = False) -> Path:
+    """Write `tensors` and `meta` into `folder` atomically (tensors first, meta.json last).
+
+    Modes: the folder and files follow the umask (a released model is as readable as the user's
+    other files); `private` (the checkpoint holds secrets) makes them 0700 / 0600 from creation."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    mode = SECRET_FILE_MODE if private else FILE_MODE
+    if private:
+        folder.chmod(SECRET_DIR_MODE)
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(folder / TENSORS) as tmp:
+    with atomic_path(folder / TENSORS, mode) as tmp:
         save_file(flat, str(tmp))
     meta = dict(meta)
     meta["tensors_sha256"] = sha256_file(folder / TENSORS)
-    atomic_write_text(folder / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(folder / META, json.dumps(meta, indent=2, sort_keys=True) + "\n", mode)
     return folder
 
 
@@ -126,7 +134,8 @@ def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torc
     clean-up never leaves a half-deleted folder that looks like a checkpoint.
 
     `private`: the checkpoint holds secrets (the sampling and diffusion seeds of a DP run): its
-    files are made mode 0600 and its folder 0700 before it is renamed into place."""
+    folder is 0700 and its files 0600 from the moment they are created (never readable by others,
+    whatever the umask); other checkpoints follow the umask."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     folder = step_dir(run_dir, step)
@@ -136,11 +145,7 @@ def save_step_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torc
         if stale.is_dir() and stale.name.endswith((_PARTIAL, _DELETING)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(folder.name + _PARTIAL)
-    save_checkpoint(tmp, tensors, {**meta, "step": step})
-    if private:
-        for f in tmp.iterdir():
-            f.chmod(0o600)
-        tmp.chmod(0o700)
+    save_checkpoint(tmp, tensors, {**meta, "step": step}, private=private)
     if folder.exists():  # the same step again (e.g. after falling back past a corrupt one)
         _remove(folder)
     tmp.rename(folder)

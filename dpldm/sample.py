@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ from dpldm.utils.device import add_device_argument
 FORMATS = ("grid", "npz", "png-dir")
 DEFAULT_OUT = {"grid": "samples.png", "npz": "samples.npz", "png-dir": "samples"}
 DEFAULT_PER_CLASS = 8
+MAX_SEED = 2**32 - 1  # sample i's noise generator is seeded with (seed << 32) + i: both must fit 64 bits
+MAX_SAMPLES = 1_000_000  # per call (1M 32x32 RGB images hold 12 GiB as float32 before they are written)
+MAX_THREADS = 4096
+MAX_GRID_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: a larger PNG trips PIL's decompression-bomb guard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw UNet weights instead of the EMA")
     parser.add_argument("--upscale", type=int, default=2, help="pixel magnification of the grid PNG")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
     add_device_argument(parser)
 
 
@@ -93,11 +99,24 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--seed", args.seed, 0), ("--upscale", args.upscale, 1), ("--threads", args.threads, 0)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.seed > MAX_SEED:
+        raise UserError(f"--seed must lie in [0, 2**32 - 1 = {MAX_SEED}] (sample i's noise is seeded with "
+                        f"(seed << 32) + i), got {args.seed}")
+    if args.per_class is not None and args.per_class > MAX_SAMPLES:
+        raise UserError(f"--per-class {args.per_class}: at most {MAX_SAMPLES:,} samples per call; "
+                        "sample in several calls with different --seed values")
+    if args.threads > MAX_THREADS:
+        raise UserError(f"--threads must lie in [0, {MAX_THREADS}] (0 = leave as is), got {args.threads}")
 
 
 def check_out(args: argparse.Namespace) -> Path:
     """The output path: the right kind (file or folder), not already there unless --overwrite."""
     out = Path(args.out if args.out is not None else DEFAULT_OUT[args.format])
+    if not str(args.out if args.out is not None else out).strip():
+        raise UserError("--out: empty path")
+    for parent in out.absolute().parents:  # a file where a folder of the path must be
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {out}: cannot create it, {parent} is a file")
     if args.format == "png-dir":
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: is a file, but --format png-dir writes a folder")
@@ -111,6 +130,48 @@ def check_out(args: argparse.Namespace) -> Path:
     return out
 
 
+def check_model(ldm, where: str, use_ema: bool = True) -> None:
+    """Refuse a model that can only sample NaN/black images: a latent scale factor that is not a
+    finite number > 0, or NaN/inf weights in the autoencoder or the sampling UNet."""
+    sf = ldm.scale_factor
+    if not (isinstance(sf, (int, float)) and math.isfinite(sf) and sf > 0):
+        raise UserError(f"{where}: latent scale_factor must be a finite number > 0, got {sf!r} "
+                        "(decoding divides the latents by it)")
+    for prefix, module in (("ae", ldm.ae), ("ema" if use_ema else "unet", ldm.sampling_unet(use_ema))):
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise UserError(f"{where}: weight {prefix}.{name} has {bad} NaN/inf value(s); "
+                                "the model cannot produce images")
+
+
+def check_sizes(n: int, nrow: int, image_shape: tuple[int, int, int], fmt: str, upscale: int) -> None:
+    """Refuse, before sampling, outputs that cannot be held or written: more than MAX_SAMPLES
+    samples, more memory than is available, a grid PNG larger than PIL reads (MAX_GRID_PIXELS)."""
+    c, h, w = image_shape
+    if n > MAX_SAMPLES:
+        raise UserError(f"{n:,} samples requested: at most {MAX_SAMPLES:,} per call; sample in several calls "
+                        "with different --seed values")
+    need = n * c * h * w * 5  # float32 images while sampling + their uint8 copy
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        raise UserError(f"{n:,} samples of {c}x{h}x{w} need about {need / 2**30:.3g} GiB, more than the "
+                        f"{avail / 2**30:.3g} GiB available; sample fewer per call")
+    if fmt == "grid":
+        rows = -(-n // nrow)
+        gh, gw = (rows * (h + 2) + 2) * upscale, (nrow * (w + 2) + 2) * upscale
+        if gh * gw > MAX_GRID_PIXELS:
+            raise UserError(f"the grid PNG would be {gw:,}x{gh:,} pixels, above the {MAX_GRID_PIXELS:,} that PIL "
+                            "opens; lower --upscale or --per-class, or write --format npz / png-dir")
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every platform has these
+        return None
+
+
 # -- sampling --------------------------------------------------------------------------------------
 
 def initial_noise(seed: int, first: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -121,13 +182,19 @@ def initial_noise(seed: int, first: int, count: int, shape: tuple[int, ...]) -> 
 
 @torch.no_grad()
 def generate(ldm, labels: torch.Tensor, *, steps: int, eta: float, guidance: float, sampler: str, seed: int,
-             batch_size: int, device: torch.device, use_ema: bool = True, log=None) -> torch.Tensor:
-    """Images (N, C, H, W) in [-1, 1] (on the CPU) for labels (N,), in batches of `batch_size`."""
+             batch_size: int, device: torch.device, use_ema: bool = True, log=None,
+             progress: bool = False) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] (on the CPU) for labels (N,), in batches of `batch_size`;
+    `progress`: a tqdm bar over the samples on stderr. UserError when a batch decodes to NaN/inf
+    (nothing is written from it)."""
+    from tqdm import tqdm
+
     from dpldm.diffusion.sampling import ddim_sample, ddpm_sample
 
     unet = ldm.sampling_unet(use_ema)
     out = []
     n = labels.shape[0]
+    bar = tqdm(total=n, desc="sampling", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for b, start in enumerate(range(0, n, batch_size)):
         y = labels[start:start + batch_size].to(device)  # (B,)
         shape = (y.shape[0], *ldm.latent_shape)
@@ -137,9 +204,17 @@ def generate(ldm, labels: torch.Tensor, *, steps: int, eta: float, guidance: flo
             z = ddim_sample(unet, ldm.schedule, y, shape, steps, eta, guidance, x_T=x_T, generator=g)
         else:
             z = ddpm_sample(unet, ldm.schedule, y, shape, guidance, x_T=x_T, generator=g)
-        out.append(ldm.decode(z).float().cpu())  # (B, C, H, W)
-        if log is not None and n > batch_size:
+        x = ldm.decode(z).float().cpu()  # (B, C, H, W)
+        if not bool(torch.isfinite(x).all()):
+            bar.close()
+            raise UserError(f"samples {start}..{start + x.shape[0] - 1} came out NaN/inf (guidance {guidance:g}, "
+                            f"{sampler}); nothing was written: check the model's weights and scale factor, or "
+                            "lower --guidance")
+        out.append(x)
+        bar.update(x.shape[0])
+        if log is not None and n > batch_size and not progress:
             log(f"sampled {min(start + batch_size, n)}/{n}")
+    bar.close()
     return torch.cat(out)
 
 
@@ -164,9 +239,9 @@ def write_png_dir(folder: Path, images: np.ndarray, labels: np.ndarray, meta: di
     """CLASS/NNNNNN.png + samples.json, built in a hidden temporary folder and renamed into place."""
     from PIL import Image
 
-    from dpldm.utils.io import atomic_dir
+    from dpldm.utils.io import atomic_dir, model_inputs
 
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
+    with atomic_dir(folder, overwrite=overwrite, kind="png-samples", inputs=model_inputs(meta.get("checkpoint"))) as tmp:
         for i, (img, y) in enumerate(zip(images, labels)):
             (tmp / str(int(y))).mkdir(exist_ok=True)
             Image.fromarray(img).save(tmp / str(int(y)) / f"{i:06d}.png", format="PNG")
@@ -185,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ldm = load_ldm(args.checkpoint)
+    check_model(ldm, str(args.checkpoint), use_ema=not args.no_ema)
     d = ldm.cfg.diffusion
     num_classes = ldm.cfg.unet.num_classes
     classes = parse_classes(args.classes, num_classes) if args.classes is not None \
@@ -199,6 +275,9 @@ def run(args: argparse.Namespace) -> int:
     guidance = d.guidance_scale if args.guidance is None else args.guidance
     out = check_out(args)
     per_class = DEFAULT_PER_CLASS if args.per_class is None else args.per_class
+    dc = ldm.cfg.data
+    check_sizes(len(classes) * per_class, per_class, (dc.channels, dc.image_size, dc.image_size), args.format,
+                args.upscale)
     labels = torch.tensor(classes).repeat_interleave(per_class)  # (len(classes) * per_class,)
     ldm.to(device)
     settings = (f"{sampler}, {d.timesteps if sampler == 'ddpm' else steps} steps"
@@ -207,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"dpldm sample: {len(classes)} classes x {per_class} samples ({settings})", flush=True)
     images = generate(ldm, labels, steps=steps, eta=eta, guidance=guidance, sampler=sampler, seed=args.seed,
                       batch_size=args.batch_size, device=device, use_ema=not args.no_ema,
-                      log=lambda msg: print(f"dpldm sample: {msg}", file=sys.stderr, flush=True))
+                      log=None if args.quiet else lambda msg: print(f"dpldm sample: {msg}", file=sys.stderr, flush=True),
+                      progress=not args.quiet and sys.stderr.isatty())
     meta = {"checkpoint": str(args.checkpoint), "classes": classes, "per_class": per_class, "sampler": sampler,
             "steps": steps, "eta": eta, "guidance": guidance, "seed": args.seed, "weights": "raw" if args.no_ema else "ema",
             "privacy": getattr(ldm, "meta", {}).get("privacy")}

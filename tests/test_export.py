@@ -181,6 +181,13 @@ def test_export_is_atomic_and_never_overwrites_silently(exported, tmp_path, monk
     (out / "mine.txt").write_text("keep")
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         run_export("--checkpoint", str(model), "--out", str(out))
+    with pytest.raises(UserError, match="was not written by dpldm"):  # the user's folder: never replaced
+        run_export("--checkpoint", str(model), "--out", str(out), "--overwrite")
+    assert (out / "mine.txt").read_text() == "keep"
+    (out / "mine.txt").unlink()
+    out.rmdir()
+    assert run_export("--checkpoint", str(model), "--out", str(out)) == 0
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     calls = {"n": 0}
     real = folder_mod.save_file
 
@@ -193,10 +200,11 @@ def test_export_is_atomic_and_never_overwrites_silently(exported, tmp_path, monk
     monkeypatch.setattr(folder_mod, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
         run_export("--checkpoint", str(model), "--out", str(out), "--overwrite")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"] and (out / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no temporary left behind
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first  # old export whole
     monkeypatch.setattr(folder_mod, "save_file", real)
-    assert run_export("--checkpoint", str(model), "--out", str(out), "--overwrite") == 0
-    assert not (out / "mine.txt").exists() and (out / "unet" / "config.json").is_file()
+    assert run_export("--checkpoint", str(model), "--out", str(out), "--overwrite", "--no-ema") == 0
+    assert json.loads((out / "dpldm.json").read_text())["weights"] == "raw"  # replaced by the new export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
 
 

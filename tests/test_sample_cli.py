@@ -64,7 +64,7 @@ def test_png_dir_equals_npz_and_batch_size_does_not_change_samples(model, tmp_pa
     b, lb = load_images(str(tmp_path / "dir"), "--samples")
     assert la.tolist() == lb.tolist() == [0, 0, 1, 1, 2, 2]  # default classes: the private ones (data.num_classes=3)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["0", "1", "2", "samples.json"]
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == [".dpldm-output.json", "0", "1", "2", "samples.json"]
     assert sorted(p.name for p in (tmp_path / "dir" / "1").iterdir()) == ["000002.png", "000003.png"]
     assert Image.open(tmp_path / "dir" / "1" / "000002.png").mode == "L"
     assert sorted(os.listdir(tmp_path)) == ["a.npz", "dir"]  # no temporary left behind
@@ -88,8 +88,12 @@ def test_existing_output_needs_overwrite(model, tmp_path, capsys):
     (folder / "keep.txt").write_text("x")
     assert sample(model, folder, "--format", "png-dir", "--per-class", "1") == 2
     assert (folder / "keep.txt").read_text() == "x"
-    assert sample(model, folder, "--format", "png-dir", "--per-class", "1", "--overwrite") == 0
-    assert not (folder / "keep.txt").exists() and load_images(str(folder), "--samples")[1].tolist() == [0, 1, 2]
+    assert sample(model, folder, "--format", "png-dir", "--per-class", "1", "--overwrite") == 2  # not dpldm's folder
+    assert sorted(os.listdir(folder)) == ["keep.txt"] and (folder / "keep.txt").read_text() == "x"
+    (folder / "keep.txt").unlink()
+    assert sample(model, folder, "--format", "png-dir", "--per-class", "1", "--overwrite") == 0  # empty: nothing lost
+    assert sample(model, folder, "--format", "png-dir", "--per-class", "1", "--classes", "1", "--overwrite") == 0
+    assert load_images(str(folder), "--samples")[1].tolist() == [1]  # dpldm's own png-dir: replaced
     assert sorted(os.listdir(tmp_path)) == ["dir", "s.npz"]
 
 

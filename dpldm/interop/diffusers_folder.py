@@ -30,6 +30,7 @@ from dpldm.interop import diffusers_layout as L
 from dpldm.utils.io import atomic_dir
 
 FORMAT = "dpldm-diffusers"
+KIND = "diffusers-export"  # the output-folder kind (dpldm.utils.io: --overwrite replaces only this kind)
 FORMAT_VERSION = 1
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 EMBEDDER_KEY = "label_embedder.embedding.weight"
@@ -54,9 +55,10 @@ def is_diffusers_folder(folder: str | Path) -> bool:
 # -- export ------------------------------------------------------------------------------------------
 
 def export_diffusers(ldm, out: str | Path, *, use_ema: bool = True, overwrite: bool = False,
-                     source: str | None = None) -> Path:
+                     source: str | None = None, inputs=()) -> Path:
     """Write `ldm` (a LatentDiffusion) to the diffusers folder `out`; UserError when the model
-    cannot be expressed exactly (see diffusers_layout.check_exportable) or `out` exists."""
+    cannot be expressed exactly (see diffusers_layout.check_exportable) or `out` may not be
+    written (dpldm.utils.io.check_output_dir; `inputs`: (flag, path) pairs the command reads)."""
     cfg = ldm.cfg
     unet = ldm.sampling_unet(use_ema)
     L.check_exportable(cfg.unet, cfg.autoencoder, unet, ldm.ae)
@@ -69,7 +71,7 @@ def export_diffusers(ldm, out: str | Path, *, use_ema: bool = True, overwrite: b
     info = {"format": FORMAT, "version": FORMAT_VERSION, "dpldm_version": _dpldm_version(),
             "config": cfg.to_dict(), "scale_factor": ldm.scale_factor, "weights": "ema" if use_ema else "raw",
             "privacy": privacy, "source": source, "exact": EXACT}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=KIND, inputs=inputs) as tmp:
         _write_json(tmp / "unet" / "config.json",
                     L.unet_config(cfg.unet, L.latent_size(cfg.data.image_size, cfg.autoencoder), L.norm_groups(unet)))
         save_file(unet_state, str(tmp / "unet" / WEIGHTS), metadata={"format": "pt"})
@@ -222,8 +224,8 @@ def _read_tensors(path: Path, missing: str = "dpldm reads safetensors weights on
 def _derive(what: str, path: Path, fn, *args):
     try:
         return fn(*args)
-    except (KeyError, TypeError, ValueError, ConfigError) as e:
-        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ConfigError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
         raise CheckpointError(f"{path}: {detail} (cannot be read as dpldm's {what})") from None
 
 
@@ -262,12 +264,19 @@ def load_diffusers(folder: str | Path):
                      for k, v in dataclasses.asdict(derived).items() if _differs(v, ours[k])]
             if diffs:
                 raise CheckpointError(f"{path}: does not match {folder / 'dpldm.json'}: {'; '.join(diffs)}")
-    data = dataclasses.replace(base.data, image_size=int(vc.get("sample_size", base.data.image_size)),
-                               channels=ae_cfg.in_channels,
+    image_size = vc.get("sample_size", base.data.image_size)
+    if not _is_int(image_size):
+        raise CheckpointError(f"{vc_path}: sample_size must be an integer (the image size), got {image_size!r}")
+    scale = vc.get("scaling_factor", info.get("scale_factor", 1.0))
+    if not (_is_number(scale) and math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{vc_path}: scaling_factor must be a finite number > 0 (decoding divides the "
+                              f"latents by it), got {scale!r}")
+    data = dataclasses.replace(base.data, image_size=image_size, channels=ae_cfg.in_channels,
                                num_classes=min(base.data.num_classes, unet_cfg.num_classes))
     cfg = _derive("configuration", folder, lambda: dataclasses.replace(
         base, unet=unet_cfg, autoencoder=ae_cfg, diffusion=diff_cfg, data=data))
-    ldm = LatentDiffusion(cfg, scale_factor=float(vc.get("scaling_factor", info.get("scale_factor", 1.0))))
+    ldm = LatentDiffusion(cfg, scale_factor=float(scale))
+    _check_configs_as_exported(folder, ldm, {uc_path: uc, vc_path: vc, sc_path: sc}, table)
     unet_state = _derive("UNet weights", uc_path.parent / WEIGHTS, L.unet_from_diffusers,
                          _read_tensors(uc_path.parent / WEIGHTS), cfg.unet)
     unet_state[EMBEDDER_KEY] = table
@@ -279,6 +288,48 @@ def load_diffusers(folder: str | Path):
     ldm.meta = {"kind": "ldm", "config": cfg.to_dict(), "scale_factor": ldm.scale_factor,
                 "privacy": info.get("privacy"), "imported_from": str(folder), "format": "diffusers"}
     return ldm.eval()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON values equal as export_diffusers would write them (floats to 1e-12 relative)."""
+    if _is_number(a) and _is_number(b):
+        return math.isfinite(a) and not _differs(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _check_configs_as_exported(folder: Path, ldm, configs: dict[Path, dict[str, Any]], table: torch.Tensor) -> None:
+    """Every key a component config shares with what `export_diffusers` writes for the derived
+    architecture must hold that value: a key dpldm does not read to build the model (norm_num_groups,
+    conv kernels, padding, block types, scheduler flags, ...) but that diffusers would follow
+    would otherwise be silently ignored, and dpldm would sample from a different model."""
+    cfg = ldm.cfg
+    uc_path, vc_path, sc_path = configs
+    expected = {
+        uc_path: L.unet_config(cfg.unet, L.latent_size(cfg.data.image_size, cfg.autoencoder), L.norm_groups(ldm.unet)),
+        vc_path: L.vae_config(cfg.autoencoder, cfg.data.image_size, ldm.scale_factor, L.norm_groups(ldm.ae)),
+        sc_path: L.scheduler_config(cfg.diffusion),
+    }
+    emb_path = folder / "class_embedder" / "config.json"
+    if emb_path.is_file():
+        configs = {**configs, emb_path: _read_json(emb_path)}
+        expected[emb_path] = {"num_classes": cfg.unet.num_classes, "null_class": cfg.unet.num_classes,
+                              "context_dim": cfg.unet.context_dim, "shape": list(table.shape)}
+    for path, want in expected.items():
+        have = configs[path]
+        bad = [f"{k}: {have[k]!r}, but the weights' architecture needs {v!r}" for k, v in want.items()
+               if k in have and not k.startswith("_") and not _same(have[k], v)]
+        if bad:
+            raise CheckpointError(f"{path}: {'; '.join(bad)} (dpldm cannot express this diffusers setting)")
 
 
 def _differs(a: Any, b: Any) -> bool:

@@ -22,6 +22,7 @@ from dpldm.diffusion.sampling import sample as sample_latents
 from dpldm.diffusion.schedule import DiffusionSchedule
 from dpldm.models.autoencoder import Autoencoder
 from dpldm.models.unet import UNet
+from dpldm.utils.io import atomic_write_text
 
 PUBLIC_MODEL = "public_glyphs"
 
@@ -115,12 +116,77 @@ def load_autoencoder(folder: str | Path) -> tuple[Autoencoder, RunConfig, dict[s
     return ae, cfg, meta
 
 
+CARD = "README.md"
+
+
 def save_ldm(folder: str | Path, ldm: LatentDiffusion, extra: dict[str, Any] | None = None) -> Path:
-    """Write the bundle (AE, UNet, EMA, RunConfig, scale_factor) atomically into `folder`."""
+    """Write the bundle (AE, UNet, EMA, RunConfig, scale_factor) atomically into `folder`, with a
+    model card `README.md` (model_card: what it is, its privacy report, how to use it)."""
     tensors = {**prefixed("ae", ldm.ae.state_dict()), **prefixed("unet", ldm.unet.state_dict()),
                **prefixed("ema", ldm.ema.state_dict())}
     meta = {"kind": "ldm", "config": ldm.cfg.to_dict(), "scale_factor": ldm.scale_factor, **(extra or {})}
-    return save_checkpoint(folder, tensors, meta)
+    folder = save_checkpoint(folder, tensors, meta)
+    atomic_write_text(folder / CARD, model_card(ldm.cfg, meta))
+    return folder
+
+
+def model_card(cfg: RunConfig, meta: dict[str, Any]) -> str:
+    """The model card of a native model folder: the diffusers export's privacy section
+    (dpldm.interop.diffusers_folder.privacy_table, the same wording and numbers), where the
+    model came from, and the commands that use it."""
+    import dpldm
+    from dpldm.interop.diffusers_folder import is_private, privacy_table
+
+    privacy = meta.get("privacy")
+    d, u = cfg.data, cfg.unet
+    origin = []
+    if meta.get("finetuned_from"):
+        origin.append(f"fine-tuned from `{meta['finetuned_from']}`")
+    if privacy and privacy.get("finetune"):
+        trained = f"trained modules `{privacy['finetune']}`"
+        if privacy.get("trainable_parameters") and privacy.get("total_unet_parameters"):
+            trained += (f" ({privacy['trainable_parameters']:,} of {privacy['total_unet_parameters']:,} UNet "
+                        "parameters; everything else is the initial model's)")
+        origin.append(trained)
+    released = meta.get("released_from")
+    if isinstance(released, dict):
+        origin.append(f"released from step {released.get('step')} ({released.get('weights')} weights) by "
+                      "`launch/train.py --consolidate`")
+    if not privacy and meta.get("public"):
+        steps = f" for {meta['steps']} steps" if meta.get("steps") else ""
+        origin.append(f"pretrained by `dpldm pretrain-ldm` on the public data `{meta['public']}`{steps}")
+    text = "; ".join(origin)
+    origin_text = f" {text[0].upper()}{text[1:]}." if text else ""
+    private = is_private(privacy)
+    what = "differentially private fine-tune" if private else "model"
+    tags = "\n".join(f"- {t}" for t in ["dpldm", "latent-diffusion", "class-conditional"]
+                     + (["differential-privacy"] if private else []))
+    return f"""---
+tags:
+{tags}
+---
+# Class-conditional latent diffusion {what} (dpldm {dpldm.__version__})
+
+A dpldm model folder: `tensors.safetensors` (autoencoder `ae.*`, UNet `unet.*`, its EMA `ema.*`) and
+`meta.json` (configuration, latent scale factor{', privacy report' if privacy else ''}). Images
+{d.channels}x{d.image_size}x{d.image_size} in [-1, 1]; {u.num_classes} classes (labels 0..{u.num_classes - 1}) plus the
+null class {u.num_classes} for classifier-free guidance.{origin_text}
+
+## Privacy
+
+{privacy_table(privacy)}
+## Use
+
+```bash
+dpldm sample --checkpoint THIS_FOLDER --classes 0,1,2 --n 8 --out grid.png
+dpldm sample --checkpoint THIS_FOLDER --per-class 100 --format npz --out samples.npz   # for dpldm evaluate
+dpldm export --checkpoint THIS_FOLDER --format diffusers --out hf/                       # diffusers folder + card
+```
+```python
+from dpldm import load_ldm
+ldm = load_ldm("THIS_FOLDER")  # LatentDiffusion, eval mode; ldm.meta holds meta.json
+```
+"""
 
 
 def load_ldm(folder: str | Path) -> LatentDiffusion:
