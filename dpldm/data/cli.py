@@ -107,6 +107,8 @@ def _import(args: argparse.Namespace, progress: _Progress) -> int:
     if "label_rule" in meta:
         print(f"labels: {meta['label_rule_text']} ({_short_map(meta['class_to_label'])}); "
               f"images: {meta['images']['conversion']}", file=sys.stderr)
+    for w in meta.get("warnings", ()):
+        print(f"warning: {args.source}: {w}", file=sys.stderr)
     report = import_arrays(images, labels, meta, args.out, shard_size=args.shard_size, fmt=args.format,
                            overwrite=args.overwrite, on_shard=progress.start("import"))
     _report("imported", report, args.out, progress)

@@ -114,6 +114,17 @@ class PrivateIndexedDataset:
         self._wids.close()
         self._cleanup()
 
+    def read_labels(self) -> np.ndarray:
+        """Every label (N,) int64 in index order, read shard by shard in the same pass that verifies
+        each shard's size and sha256 (`ShardFolder.read_labels`); the shards count as checked after,
+        so the first Poisson steps do not hash them again. For open-time checks of the label range."""
+        parts = []
+        for k in range(len(self.folder.shards)):
+            parts.append(self.folder.read_labels(k))
+            if self.verify != "none":
+                self._checked.add(k)
+        return np.concatenate(parts)
+
     def _shard_of(self, index: int) -> int:
         return bisect.bisect_right(self._offsets, index) - 1
 
@@ -287,13 +298,17 @@ def _collate(kind: str):
 
 def stream_loader(folder: str | Path, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                   shuffle_buffer: int = 1000, seed: int = 0, epoch: int = 0, resampled: bool = False,
-                  partial: bool = True, verify: str = "size") -> torch.utils.data.DataLoader:
+                  partial: bool = True, verify: str = "sha256") -> torch.utils.data.DataLoader:
     """A DataLoader of (x, y) batches streamed from the shards (public pretraining, no privacy).
 
     Without `resampled`, one pass per epoch: shards shuffled by (seed, epoch), the same order on
     every rank, then rank r takes shards r, r+W, ... and worker w every num_workers-th of those;
     each (rank, worker) needs at least one shard. With `resampled`, every rank/worker draws shards
-    with replacement from its own seed (endless: stop with islice or a step count)."""
+    with replacement from its own seed (endless: stop with islice or a step count).
+
+    verify: each shard is checked against the manifest when it is opened, before any of its samples
+    is yielded: "sha256" (default: the whole file is hashed, so a corrupt shard of the right size
+    stops the stream with one error naming it), "size" (stat only) or "none"."""
     import webdataset as wds
 
     f = open_shard_folder(folder)

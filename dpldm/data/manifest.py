@@ -7,13 +7,16 @@
                            (latents) the autoencoder's hash. A folder without it is incomplete.
     .progress.json         only while an import/encode runs: the shards finished so far.
 
-`open_shard_folder` reads and cross-checks them; `ShardFolder.check_shard` compares a shard file
-with what was indexed (size, optionally sha256) and names the first broken sample when it differs.
+`open_shard_folder` reads and cross-checks them (every shard must have its sha256 recorded);
+`ShardFolder.check_shard` compares a shard file with what was indexed (size, optionally sha256)
+and names the first broken sample when it differs. `ShardFolder.read_labels` reads one shard's
+labels in the same pass that verifies its sha256 (readers check label ranges at open time).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dpldm.data.codec import SampleSpec, sample_key
+from dpldm.data.codec import LABEL_EXT, SampleSpec, decode_label, sample_key
 from dpldm.data.errors import AutoencoderMismatchError, ShardError
 from dpldm.utils.io import atomic_write_text
 
@@ -30,6 +33,7 @@ INDEX = "index.json"
 PROGRESS = ".progress.json"
 FORMAT_VERSION = 1
 KINDS = ("images", "latents")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def shard_name(k: int) -> str:
@@ -161,6 +165,64 @@ class ShardFolder:
             raise ShardError(f"sha256 differs from the index (corrupt, or changed after indexing): {why}",
                              shard=str(path), key=key)
 
+    def read_labels(self, k: int) -> np.ndarray:
+        """Labels (nsamples,) int64 of shard k in sample order, read in ONE pass over the file that
+        also verifies its size and sha256 against the index (payloads are hashed, not decoded).
+        Each label is checked to be an integer in [0, spec.num_classes) and the keys to be the
+        consecutive keys the index promises; ShardError names the shard and sample otherwise."""
+        self.check_shard(k, "size")
+        info, path = self.shards[k], self.shard_path(k)
+        labels: list[int] = []
+        problem: ShardError | None = None  # the first one; raised after the sha256 verdict (a corrupt file says so)
+        h = hashlib.sha256()
+        with open(path, "rb") as raw:
+            reader = _HashingReader(raw, h)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as tf:
+                    for m in tf:
+                        key, _, ext = m.name.partition(".")
+                        if ext != LABEL_EXT or not m.isreg():
+                            continue
+                        expected = sample_key(info.first_index + len(labels))
+                        if key != expected:
+                            raise ShardError(f"found the label of sample {key!r} where the index expects {expected!r} "
+                                             "(index out of date, or a sample is missing)", shard=str(path), key=expected)
+                        labels.append(decode_label(tf.extractfile(m).read(), self.spec.num_classes,
+                                                   shard=str(path), key=key))
+            except ShardError as e:
+                problem = e
+            except (tarfile.TarError, OSError, EOFError) as e:
+                key, why = diagnose_tar(path)
+                problem = ShardError(f"unreadable tar ({type(e).__name__}: {e}); {why}", shard=str(path), key=key)
+            reader.drain()
+        if h.hexdigest() != info.sha256:
+            key, why = diagnose_tar(path)
+            raise ShardError(f"sha256 differs from the index (corrupt, or changed after indexing): {why}",
+                             shard=str(path), key=key)
+        if problem is not None:
+            raise problem
+        if len(labels) != info.nsamples:
+            raise ShardError(f"holds {len(labels)} labelled samples but the index says {info.nsamples} "
+                             "(index out of date)", shard=str(path), key=sample_key(info.first_index + len(labels)))
+        return np.asarray(labels, dtype=np.int64)
+
+
+class _HashingReader:
+    """A read-only file wrapper that feeds every byte read into `h` (one pass: hash while parsing)."""
+
+    def __init__(self, f, h) -> None:
+        self.f, self.h = f, h
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.h.update(b)
+        return b
+
+    def drain(self, chunk: int = 1 << 22) -> None:
+        """Hash the rest of the file (the tar's end-of-archive padding and anything after it)."""
+        while self.read(chunk):
+            pass
+
 
 def open_shard_folder(folder: str | Path, expected_ae_hash: str | None = None) -> ShardFolder:
     """Read manifest.json and index.json of a finished import/encode and cross-check them.
@@ -182,6 +244,11 @@ def open_shard_folder(folder: str | Path, expected_ae_hash: str | None = None) -
             first += int(s["nsamples"])
     except (KeyError, TypeError, ValueError) as e:
         raise ShardError(f"malformed manifest ({type(e).__name__}: {e})", shard=str(folder / MANIFEST)) from None
+    bad = next((s for s in shards if not (isinstance(s.sha256, str) and _SHA256.fullmatch(s.sha256))), None)
+    if bad is not None:
+        raise ShardError(f"malformed manifest: shard {bad.name} has no sha256 (got {bad.sha256!r}); every shard's "
+                         "sha256 is verified when it is read: re-run the import/encode that wrote the folder",
+                         shard=str(folder / MANIFEST))
     if not shards or first == 0:
         raise ShardError("empty shard list: the folder holds no examples", shard=str(folder / MANIFEST))
     if first != int(m["num_examples"]):

@@ -8,7 +8,9 @@ fixed-size batches (the last incomplete batch of an epoch is dropped; the next e
 `PublicStream.position` = (epoch, batches taken in that epoch) is saved in every step checkpoint;
 a resumed run re-opens that epoch's stream and skips the batches already taken, so it sees exactly
 the batches an uninterrupted run would (the stream is deterministic for its seed; the skipped
-batches are read again, costing at most one epoch of reading).
+batches are read again, costing at most one epoch of reading). Each shard's sha256 is verified
+against the manifest when the stream opens it, before any of its samples is used: a shard whose
+bytes changed at the same size stops the run with one error naming it (ShardError).
 """
 from __future__ import annotations
 
@@ -72,6 +74,10 @@ class PublicStream:
         self._it = self._open(self.epoch)
         for _ in range(int(position[1])):  # resume: the batches this epoch already gave
             self._next_raw()
+        # open time: read the first batch now, so the first shards are opened (sha256) and decoded before
+        # the caller writes anything; it is handed out by the first next() (position excludes it until then)
+        self._pending_position = self.position
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = self._next_raw()
 
     @property
     def num_examples(self) -> int:
@@ -79,13 +85,17 @@ class PublicStream:
 
     @property
     def position(self) -> tuple[int, int]:
+        """(epoch, batches handed out in it): reopening there gives the next batch next() would give."""
+        if getattr(self, "_pending", None) is not None:
+            return self._pending_position
         return self.epoch, self.taken
 
     def _open(self, epoch: int) -> Iterator:
         from dpldm.data.loaders import stream_loader
 
         return iter(stream_loader(self.folder.path, batch_size=self.batch_size, num_workers=self.num_workers,
-                                  shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=epoch, partial=False))
+                                  shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=epoch, partial=False,
+                                  verify="sha256"))  # every shard's sha256, before its first sample
 
     def _next_raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         for _ in range(2):
@@ -103,7 +113,10 @@ class PublicStream:
 
     def next(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch on the device (`generator` is not used: the stream has its own seed)."""
-        x, y = self._next_raw()
+        if self._pending is not None:
+            (x, y), self._pending = self._pending, None
+        else:
+            x, y = self._next_raw()
         return _fit_channels(x, self.channels).to(self.device), y.to(self.device)
 
     def first_images(self, n: int) -> torch.Tensor:
@@ -113,7 +126,7 @@ class PublicStream:
 
         parts, have = [], 0
         for k in range(len(self.folder.shards)):
-            xs, _ = read_shard_arrays(self.folder, k)
+            xs, _ = read_shard_arrays(self.folder, k, verify="sha256")
             parts.append(xs[: n - have])
             have += len(parts[-1])
             if have >= n:

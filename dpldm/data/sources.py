@@ -17,7 +17,9 @@ Paths:
                names -> label = int(name); other names sorted -> 0..K-1; a mix refused), pixels
                by dpldm.data.images (one mode or an explicit --mode, 16-bit scaled, --resize /
                --center-crop); if DIR has `train/` and `test/` subfolders the split picks one,
-               else DIR is the split.
+               else DIR is the split. meta["warnings"]: one line per kind of suspicious input
+               (pixel-identical images, symlinked class folders/files, two class folders that
+               are one folder); `dpldm data import` prints them, the import goes on.
   FILE.npz     arrays `images` (uint8) and `labels` (int); or `{split}_images`/`{split}_labels`.
                Optional `class_names`, `num_classes`.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -271,6 +274,62 @@ def _folder(root: Path, split: str, options: ImageOptions | None) -> Source:
         raise SourceError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class subfolders")
     images, notes = read_images([p for p, _ in files], options)
     labels = np.array([lab for _, lab in files], dtype=np.int64)
+    names = [str(p.relative_to(root)) for p, _ in files]
+    warnings = link_warnings(root, list(rule.class_to_label), [p for p, _ in files]) + duplicate_warnings(
+        images, labels, names)
     return images, labels, {"num_classes": rule.num_classes, "class_names": rule.class_names(), "folder": str(root),
                             **rule.to_json(), "image_options": (options or ImageOptions()).to_json(),
-                            "images": notes, "files": [str(p.relative_to(root)) for p, _ in files]}
+                            "images": notes, "files": names, **({"warnings": warnings} if warnings else {})}
+
+
+# -- warnings about an image folder (not errors: the import goes on) -----------------------------------
+
+_EXAMPLES = 3  # examples named per warning
+
+
+def link_warnings(root: Path, classes: list[str], files: list[Path]) -> list[str]:
+    """One line per kind: class folders that are symbolic links, class folders that resolve to the
+    same folder (every image in it imported once per name, under each name's label), image files
+    that are symbolic links."""
+    out = []
+    linked = [c for c in classes if (root / c).is_symlink()]
+    if linked:
+        out.append(f"{len(linked)} class folder(s) are symbolic links, e.g. "
+                   + "; ".join(f"{c} -> {os.readlink(root / c)}" for c in linked[:_EXAMPLES]))
+    where: dict[Path, list[str]] = {}
+    for c in classes:
+        where.setdefault((root / c).resolve(), []).append(c)
+    same = [names for names in where.values() if len(names) > 1]
+    if same:
+        out.append(f"{len(same)} group(s) of class folders are the same folder, so its images are imported once per "
+                   "name, under different labels: " + "; ".join(" = ".join(n) + f" ({(root / n[0]).resolve()})"
+                                                                for n in same[:_EXAMPLES]))
+    files_linked = [p for p in files if p.is_symlink()]
+    if files_linked:
+        out.append(f"{len(files_linked)} image file(s) are symbolic links, e.g. "
+                   + "; ".join(f"{p.relative_to(root)} -> {os.readlink(p)}" for p in files_linked[:_EXAMPLES]))
+    return out
+
+
+def duplicate_groups(images: np.ndarray) -> list[list[int]]:
+    """Indices of images with identical decoded pixels (sha256 of each image's bytes), groups of >= 2
+    in order of their first member, each group in index order."""
+    groups: dict[bytes, list[int]] = {}
+    for i in range(len(images)):
+        groups.setdefault(hashlib.sha256(np.ascontiguousarray(images[i]).data).digest(), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def duplicate_warnings(images: np.ndarray, labels: np.ndarray, names: list[str]) -> list[str]:
+    """One line when some images are pixel-identical: how many copies, how many groups (and how many
+    mix labels), a few examples."""
+    groups = duplicate_groups(images)
+    if not groups:
+        return []
+    copies = sum(len(g) - 1 for g in groups)
+    mixed = sum(1 for g in groups if len(set(labels[g].tolist())) > 1)
+    examples = "; ".join(" = ".join(f"{names[i]} (label {int(labels[i])})" for i in g[:3]) + (" = ..." if len(g) > 3 else "")
+                         for g in groups[:_EXAMPLES])
+    return [f"{copies} image(s) duplicate another one's pixels exactly ({len(groups)} group(s) of identical images, "
+            f"{mixed} with different labels), e.g. {examples}: each copy is a separate example (it weighs more in "
+            "training, and DP protects each copy separately, not the person behind it)"]

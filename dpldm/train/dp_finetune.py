@@ -128,6 +128,9 @@ def check_model_config(cfg: RunConfig, saved: RunConfig, where: Path) -> None:
     for k in ("schedule", "timesteps", "beta_start", "beta_end"):
         if now["diffusion"][k] != then["diffusion"][k]:
             diffs.append(f"diffusion.{k}: recipe {now['diffusion'][k]!r} != checkpoint {then['diffusion'][k]!r}")
+    for k in ("image_size", "channels"):  # the images (and so latents) the public model was trained on
+        if now["data"][k] != then["data"][k]:
+            diffs.append(f"data.{k}: recipe {now['data'][k]!r} != checkpoint {then['data'][k]!r}")
     if diffs:
         raise UserError(f"--init {where} does not match the recipe: {'; '.join(diffs)}")
 
