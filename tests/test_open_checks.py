@@ -12,7 +12,6 @@ Expected values come from how the inputs were built (labels planted at known sam
 copied on purpose), not from the code under test."""
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from pathlib import Path
