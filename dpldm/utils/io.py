@@ -148,7 +148,7 @@ def check_output_dir(dest: str | Path, kind: str, *, overwrite: bool, inputs: In
     for anc in [absolute, *absolute.parents]:
         if anc.exists() and not anc.is_dir():
             raise UserError(f"{shown}: is a file, not a folder" if anc == absolute
-                            else f"{shown}: cannot be created, {anc} is a file")
+                            else f"{shown}: cannot create it, {anc} is a file")
         if anc.exists():
             break
     real = dest.resolve()
