@@ -18,6 +18,12 @@ error naming the file, not a silent re-measurement.
 Candidates that would allocate more than `max_bytes` (the torch materialise path holds
 P*d_out*d_in floats; default: half the free GPU memory, 1 GiB on CPU) are skipped, and a
 candidate that raises (e.g. out of memory) is skipped; both are stated in the summary.
+
+Private runs (dpldm.train.dp_finetune): free GPU memory and kernel times must not depend on
+private data, so the trainer calls `pin_budget(device)` before any private data exists (free
+memory read once, then reused), measures every key in one discarded pass of a PUBLIC batch at
+set-up (`DPStep.probe`), and then `freeze()`s the selector: a key first asked for after that
+raises SelectionFrozenError instead of timing kernels while a private chunk is on the device.
 """
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ CACHE_VERSION = 1
 
 class KernelCacheError(InputError, ValueError):
     """The kernel-selection cache file of a run cannot be read (one line, names the file)."""
+
+
+class SelectionFrozenError(RuntimeError):
+    """A kernel choice was asked for a key not measured at set-up, after `freeze()` (a bug: the
+    public set-up pass must meet every layer shape that private chunks meet)."""
 
 
 @dataclass
@@ -78,6 +89,8 @@ class KernelSelector:
         self.repeats, self.warmup, self.max_bytes, self.log, self.seed = repeats, warmup, max_bytes, log, seed
         self.choices: dict[str, Choice] = {}
         self._impl_cache: dict[str, Impl] = {}
+        self._pinned: dict[str, int] = {}  # device -> memory budget read once by pin_budget()
+        self.frozen: str | None = None  # why no new key may be measured (set by freeze())
         if self.cache_path is not None and self.cache_path.exists():
             self._load()
 
@@ -137,6 +150,11 @@ class KernelSelector:
                     "backend exists, or delete the cache file to measure again")
             self._impl_cache[key] = impl
             return impl, f"cached: {self.choices[key].line()}"
+        if self.frozen is not None:
+            raise SelectionFrozenError(
+                f"kernel selection for '{key}' asked after the selector was frozen ({self.frozen}): measuring now "
+                "would time kernels and read free GPU memory beside private data; every public layer shape must "
+                "be measured at set-up (a dpldm bug: please report it)")
         choice = self._measure(key, op, device, dtype, shape, candidates)
         self.choices[key] = choice
         self._impl_cache[key] = by_name[choice.choice]
@@ -145,9 +163,23 @@ class KernelSelector:
             self.log(f"kernel selection: {choice.line()}")
         return by_name[choice.choice], f"measured: {choice.line()}"
 
+    def pin_budget(self, device: torch.device) -> int:
+        """Read the memory budget of `device` now (free GPU memory: call it before any private data
+        is on the device) and use that number for every later measurement on it."""
+        device = torch.device(device)
+        self._pinned.pop(_dev_key(device), None)
+        self._pinned[_dev_key(device)] = self._budget(device)
+        return self._pinned[_dev_key(device)]
+
+    def freeze(self, why: str = "set-up is over") -> None:
+        """No new key may be measured from now on (cached and measured keys keep working)."""
+        self.frozen = why
+
     def _budget(self, device: torch.device) -> int:
         if self.max_bytes is not None:
             return self.max_bytes
+        if _dev_key(device) in self._pinned:
+            return self._pinned[_dev_key(device)]
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             return free // 2
@@ -185,16 +217,27 @@ class KernelSelector:
         """{key: chosen implementation}: what another rank needs to make the same choices."""
         return {k: c.choice for k, c in self.choices.items()}
 
-    def load_state_dict(self, state: dict[str, str]) -> None:
+    def load_state_dict(self, state: dict[str, str], replace: bool = False) -> None:
         """Adopt choices made elsewhere (e.g. rank 0's, broadcast), so every rank runs the same
-        kernels; keys already chosen here must agree. Saved to cache_path like measured ones."""
+        kernels; keys already chosen here must agree, unless `replace` (set-up, before anything was
+        computed with them: the other choice wins). Saved to cache_path like measured ones."""
         for key, name in state.items():
+            if replace and key in self.choices and self.choices[key].choice != name:
+                self.choices[key] = Choice(key, name)
+                self._impl_cache.pop(key, None)
             if key in self.choices and self.choices[key].choice != name:
                 raise ValueError(f"kernel choice for '{key}' is {self.choices[key].choice!r} here, {name!r} in the "
                                  "state to load: a run keeps its kernel choices")
             if key not in self.choices:
                 self.choices[key] = Choice(key, name)
         self._save()
+
+
+def _dev_key(device: torch.device) -> str:
+    """'cuda:N' for a CUDA device (the current one when no index is given), else the type."""
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return device.type
 
 
 def _sync(device: torch.device) -> None:

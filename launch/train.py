@@ -16,8 +16,10 @@ over the same trainer as `dpldm finetune` (dpldm.train.dp_finetune).
         its end), for `dpldm sample` / `dpldm evaluate`
 
 A run resumes from the newest checkpoint in --out (default train.out_dir), on any number of
-ranks (`--resume never` refuses to). SIGTERM/SIGUSR1/SIGINT or a file named STOP in --out make
-every rank finish the current logical step, checkpoint and exit 0; the same command resumes.
+ranks, and starts a new run when there is none (`--resume auto`, the default). A plain `--resume`
+(= `--resume must`) refuses to start over: --out must hold a step checkpoint. `--resume never`
+refuses to continue. SIGTERM/SIGUSR1/SIGINT or a file named STOP in --out make every rank finish
+the current logical step, checkpoint and exit 0; the same command resumes.
 The last line printed (rank 0) is `RESULT_JSON {...}`.
 """
 from __future__ import annotations
@@ -39,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p)
     p.add_argument("--zero", default="0", help="ZeRO stage 0-3 (launch/ds_configs/zeroN.json) or a DeepSpeed JSON path "
                                                "(several ranks; one rank runs without DeepSpeed)")
-    p.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto: continue from the newest checkpoint in --out (default); never: refuse if there is one")
+    p.add_argument("--resume", nargs="?", choices=("auto", "must", "never"), default="auto", const="must",
+                   help="auto (default): continue from the newest checkpoint in --out, or start a new run when there is "
+                        "none; --resume alone (= must): continue, and refuse when --out holds no checkpoint; never: "
+                        "refuse if there is one")
     p.add_argument("--max-steps", "--stop-after", dest="max_steps", type=int, default=None, metavar="K",
                    help="stop (checkpoint, exit 0) after K logical steps of this invocation")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="process-group backend")
@@ -92,8 +96,9 @@ def _main(args: argparse.Namespace) -> int:
         print(format_plan(plan))
         print("PLAN_JSON " + json.dumps(plan, sort_keys=True))
         return 0
-    result = train(cfg, options_from_args(args, cfg, resume=args.resume == "auto", max_steps=args.max_steps,
-                                          zero=str(args.zero), dist_backend=args.backend, check_every=args.check_every))
+    result = train(cfg, options_from_args(args, cfg, resume=args.resume, max_steps=args.max_steps,
+                                          zero=str(args.zero), dist_backend=args.backend, check_every=args.check_every,
+                                          command="launch/train.py"))
     if result["rank"] == 0:
         print_result(result)
     return 0

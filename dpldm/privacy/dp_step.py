@@ -119,6 +119,14 @@ class DPStep:
                                    f"allowed only in {phases}. Order: begin_step, accumulate*, add_noise, reduce, "
                                    "scale, step")
 
+    def probe(self, public_batch: Any) -> None:
+        """Set-up, before any private chunk: one discarded forward+backward of a PUBLIC batch through
+        the engine (BookKeepingEngine.probe): refuses a model that writes state in forward or draws
+        from a global RNG, and leaves a kernel selector measured on public shapes only. Touches no
+        accumulator, count, noise or ledger."""
+        self._need("idle", part="probe")
+        self.engine.probe(self.loss_fn, public_batch)
+
     # -- named parts ---------------------------------------------------------------------------------
     def begin_step(self) -> torch.Tensor:
         """Open logical step s; returns this rank's share of its Poisson sample (sorted indices)."""

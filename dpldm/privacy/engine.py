@@ -42,7 +42,8 @@ from dpldm.privacy.groups import LinearGroup, group_shared_inputs
 from dpldm.privacy.layers import LayerRule, RowMismatchError, UnsupportedLayerError, rule_for
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
-           "RowMismatchError", "clipped_gradient_sum", "NORM_METHODS", "NONFINITE_RULES"]
+           "RowMismatchError", "clipped_gradient_sum", "NORM_METHODS", "NONFINITE_RULES", "RANDOM_MODULES",
+           "global_rng_use"]
 
 NORM_METHODS = ("auto", "ghost", "materialize")
 NONFINITE_RULES = ("raise", "drop")
@@ -72,11 +73,15 @@ class BookKeepingEngine:
     nn.ConvTranspose2d, a grouped or depthwise Conv2d) is refused here, at set-up, with an error
     naming it. `norm_method` applies to the Linear and Conv2d rules. A module called several
     times in one forward is handled (its calls are rows of the same example); one Parameter
-    shared between two modules is refused. Also refused at set-up (the statistics check again
-    at every chunk): an nn.Embedding with max_norm, trainable or frozen (renorms its weight rows in place from the
-    batch), and
-    any module, trainable or frozen, that updates running statistics from the batch in train
-    mode or normalises with batch statistics (BatchNorm/InstanceNorm; see _check_running_stats).
+    shared between two modules is refused. Also refused at set-up (the statistics and randomness
+    checks again at every chunk): an nn.Embedding or nn.EmbeddingBag with max_norm, trainable or
+    frozen (renorms its weight rows in place from the batch); any module, trainable or frozen,
+    that updates running statistics from the batch in train mode or normalises with batch
+    statistics (BatchNorm/InstanceNorm; see _check_running_stats); any module in TRAINING mode
+    whose forward draws from torch's global random generator (dropout with p > 0, RReLU,
+    nn.MultiheadAttention with dropout; see _check_randomness). `probe(loss_fn, public_batch)`
+    is the generic check a trainer runs once at set-up: one forward+backward of a public batch
+    that must change no parameter or buffer and draw nothing from the global generators.
 
     backend / norm_method "auto": with `selector` (a dpldm.kernels.selection.KernelSelector) each
     distinct public layer shape is timed once and the fastest kernel kept; with selector=None a
@@ -134,14 +139,17 @@ class BookKeepingEngine:
         owner: dict[int, str] = {}
         self._stat_modules = [(n, m) for n, m in self.model.named_modules()
                               if isinstance(m, nn.modules.batchnorm._NormBase)]
+        self._random_modules = [(n, m) for n, m in self.model.named_modules() if isinstance(m, RANDOM_MODULES)]
         self._check_running_stats("at engine set-up")
+        self._check_randomness("at engine set-up")
         for mname, module in self.model.named_modules():
-            if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
                 state = "trainable" if module.weight.requires_grad else "frozen"
                 raise UnsupportedLayerError(
-                    f"embedding '{mname or '<root>'}' ({state}) has max_norm={module.max_norm}: its forward renormalises "
-                    "the weight rows the batch looks up, in place, so the weights would change with the private "
-                    "batch outside the clipped, noised update (a privacy leak); construct it with max_norm=None")
+                    f"{'embedding bag' if isinstance(module, nn.EmbeddingBag) else 'embedding'} '{mname or '<root>'}' "
+                    f"({state}) has max_norm={module.max_norm}: its forward "
+                    "renormalises the weight rows the batch looks up, in place, so the weights would change with the "
+                    "private batch outside the clipped, noised update (a privacy leak); construct it with max_norm=None")
         for mname, module in self.model.named_modules():
             own = [(attr, p) for attr, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -189,6 +197,54 @@ class BookKeepingEngine:
                     "the other examples of the batch, which per-example clipping cannot bound. Use stored running "
                     "statistics in eval mode, or GroupNorm/LayerNorm")
 
+    def _check_randomness(self, when: str) -> None:
+        """Refuse, trainable or frozen, a module in training mode whose forward draws from torch's
+        global random generator (dropout masks, RReLU slopes): the draws are consumed row by row,
+        so an example's mask depends on its position in the batch and on the other examples, and
+        adding one example changes the others' gradients: the neighbouring-dataset bound (one
+        example moves the clipped sum by at most C) no longer holds. Cheap: a loop over the few
+        such modules found at set-up."""
+        for n, m in self._random_modules:
+            why = global_rng_use(m)
+            if why is not None:
+                raise UnsupportedLayerError(
+                    f"module '{n or '<root>'}' ({type(m).__name__}, {why}) is in training mode ({when}): its forward "
+                    "draws from torch's global random generator row by row, so an example's mask depends on the "
+                    "other examples of the batch and adding one example can move the clipped sum by more than C "
+                    "(the DP bound fails); put the model in eval mode (model.eval(): dropout off, GroupNorm/"
+                    "LayerNorm unchanged) or set its probability to 0")
+
+    def probe(self, per_example_loss_fn: PerExampleLossFn, batch: Any, *, where: str = "public probe batch") -> None:
+        """The generic set-up check: one forward+backward of a PUBLIC `batch` (its result is thrown
+        away) must change no parameter or buffer of the model (a forward that writes state --
+        running statistics, in-place renormalisation, a cache, a counter -- would carry private
+        data out of the step without clipping or noise) and draw nothing from torch's global
+        random generators (CPU, and the CUDA devices of the parameters; randomness must be keyed
+        on (secret seed, step, example), as dpldm's diffusion draws are). With a kernel selector,
+        this pass also measures every public layer shape before any private chunk exists."""
+        devices = sorted({t.device for t in self.model.parameters() if t.device.type == "cuda"}, key=str)
+        before = _state_copy(self.model)
+        rng = _global_rng_states(devices)
+        self.clipped_sums(per_example_loss_fn, batch, where=where)
+        self._reset()
+        after = dict(_named_state(self.model))
+        changed = [n for n, t in before.items() if n not in after or not _same(t, after[n])]
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise UnsupportedLayerError(
+                f"one forward+backward of a public batch ({where}) changed the model's tensor '{changed[0]}'{more}: a "
+                "module that writes state in forward (running statistics, in-place renormalisation, a cache or "
+                "counter) would carry private data out of the step without clipping or noise; make that module "
+                "stateless, or put it in a mode in which it does not update")
+        rng_after = _global_rng_states(devices)
+        moved = [name for name, state in rng.items() if not torch.equal(state, rng_after[name])]
+        if moved:
+            raise UnsupportedLayerError(
+                f"one forward+backward of a public batch ({where}) drew from torch's global random generator "
+                f"({', '.join(moved)}): such draws are consumed row by row, so one example's randomness depends on "
+                "the other examples and the DP bound fails; key every draw on (secret seed, step, example) as "
+                "dpldm.train.draws does, or remove it (eval mode turns dropout off)")
+
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
         """Trainable parameters by name, in model order."""
@@ -225,6 +281,7 @@ class BookKeepingEngine:
         acc = acc_dtype or _acc_dtype(params.values())
         at = f" ({where})" if where else ""
         self._check_running_stats(f"when computing clipped sums{at}")
+        self._check_randomness(f"when computing clipped sums{at}")
         stash = {n: p.grad for n, p in params.items()}
         for p in params.values():
             p.grad = None
@@ -316,6 +373,49 @@ class BookKeepingEngine:
             unit.reset()  # free A and G as soon as the layer (group) is done
         self.total_dropped += n_drop
         return ChunkResult(sums, B, n_drop)
+
+
+RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttention)
+
+
+def global_rng_use(m: nn.Module) -> str | None:
+    """Why `m`'s forward, in its current mode, draws from torch's global random generator (None: it
+    does not). Dropout/Dropout1d/2d/3d/AlphaDropout/FeatureAlphaDropout with p > 0, RReLU with
+    lower != upper, nn.MultiheadAttention with dropout > 0 -- each only in training mode."""
+    if not m.training:
+        return None
+    if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+        return f"p={m.p:g}"
+    if isinstance(m, nn.RReLU) and m.lower != m.upper:
+        return f"random slopes in [{m.lower:g}, {m.upper:g}]"
+    if isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+        return f"attention dropout={m.dropout:g}"
+    return None
+
+
+def _named_state(model: nn.Module):
+    """(name, tensor) of every parameter and buffer (ZeRO-3 partitioned parameters: their local shard)."""
+    for n, p in model.named_parameters():
+        yield n, getattr(p, "ds_tensor", p)
+    for n, b in model.named_buffers():
+        if b is not None:
+            yield n, b
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().to("cpu", copy=True) for n, t in _named_state(model)}
+
+
+def _same(saved: torch.Tensor, now: torch.Tensor) -> bool:
+    now = now.detach().cpu()
+    return saved.shape == now.shape and saved.dtype == now.dtype and torch.equal(saved, now)
+
+
+def _global_rng_states(devices) -> dict[str, torch.Tensor]:
+    states = {"CPU generator": torch.get_rng_state()}
+    for d in devices:
+        states[f"CUDA generator of {d}"] = torch.cuda.get_rng_state(d)
+    return states
 
 
 def _acc_dtype(params) -> torch.dtype:

@@ -35,10 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpldm import kernels
+from dpldm.errors import InputError
 
 
-class UnsupportedLayerError(TypeError):
-    """A trainable parameter lives in a layer without a per-example clipping rule."""
+class UnsupportedLayerError(InputError, TypeError):
+    """A model the DP engine refuses: a trainable parameter in a layer without a per-example
+    clipping rule, or a module whose forward changes state or draws from a global RNG (one line,
+    exit 2 via the CLI)."""
 
 
 class RowMismatchError(ValueError):

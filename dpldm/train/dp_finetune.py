@@ -15,10 +15,20 @@ deepspeed / torchrun / srun, and a bare `python`, on one process or many ranks, 
     end       rank 0 writes <out>/model: the init model with the EMA of the trained tensors, and a
               public privacy report
 
-Only public numbers are logged (step, epsilon, lr, steps/s, expected examples/s): never losses,
-norms or realised batch sizes of private data. See dp_state.py for the checkpoint schema and the
-resume rule, dp_loss.py / draws.py for the per-example randomness, and privacy/dp_step.py for the
-DP step itself.
+Only public numbers are logged (step, epsilon, lr): never losses, norms or realised batch sizes of
+private data, and in a private run no timing either (a step's duration grows with its realised
+Poisson batch, a private count): no steps/s, examples/s or wall time in metrics.jsonl, wandb,
+stdout, the progress bar or the released meta; wandb's system metrics and console capture are off
+by default. A `--not-private` run (seeded, epsilon = inf) also logs steps/s and wall time.
+
+What reaches the private chunks is covered by the guarantee: the whole UNet runs in eval mode
+(dropout off; GroupNorm/LayerNorm behave the same), and at set-up one discarded forward+backward
+of a PUBLIC dummy batch (DPStep.probe) must change no parameter or buffer and draw nothing from
+torch's global RNG; the kernel selector measures on public shapes in that pass, after reading
+free memory before any private data, and is frozen before the first private chunk. A sample grid
+is written only at a step already checkpointed (checkpoint, then grid), so a crash never re-runs
+a step whose grid was released. See dp_state.py for the checkpoint schema and the resume rule,
+dp_loss.py / draws.py for the per-example randomness, and privacy/dp_step.py for the DP step.
 """
 from __future__ import annotations
 
@@ -38,13 +48,17 @@ from dpldm.train.dp_state import InitInfo
 
 RESULT_PREFIX = "RESULT_JSON "
 KERNEL_CHOICES = "kernel_selection.json"  # the measured kernel choices of a run (public shapes only)
+RESUME_MODES = ("never", "auto", "must")
 
 
 @dataclass
 class FinetuneOptions:
     out: Path
     init: str | None = None  # public LDM folder; default train.init_checkpoint, else the shipped glyph model
-    resume: bool = False  # continue from the newest checkpoint in `out` (without it, checkpoints there are refused)
+    # never (False): checkpoints in `out` are refused; must (True, `dpldm finetune --resume`): `out` must hold a
+    # step checkpoint to continue from, else refused (a fresh run would start with a full budget); auto
+    # (launch/train.py's default): continue from the newest checkpoint if there is one, else start a new run
+    resume: bool | str = False
     max_steps: int | None = None  # stop (checkpoint, exit 0) after this many logical steps of this invocation
     zero: str = "0"  # several ranks: ZeRO stage 0-3 or a DeepSpeed JSON
     dist_backend: str = "auto"  # several ranks: auto | gloo | nccl
@@ -52,6 +66,13 @@ class FinetuneOptions:
     random_init: bool = False  # smoke runs: a randomly initialised model instead of the public one
     check_every: int = 0  # several ranks: check the replicas are bit-identical every K steps
     verbose: bool = True
+    command: str = "dpldm finetune"  # what the user ran: the stop message says how to resume it
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):
+            self.resume = "must" if self.resume else "never"
+        if self.resume not in RESUME_MODES:
+            raise UserError(f"resume must be one of {RESUME_MODES} (or a bool), got {self.resume!r}")
 
 
 # -- checks that fail closed on privacy ------------------------------------------------------------
@@ -150,7 +171,11 @@ def load_init(cfg: RunConfig, opts: FinetuneOptions, run_dir: Path):
         if not (folder / "meta.json").is_file():
             print(f"warning: --random-init: fine-tuning a RANDOMLY initialised model (smoke run), saved to {folder}",
                   flush=True)
-            torch.manual_seed(cfg.train.seed)
+            # a private run never seeds torch from the public train.seed (anything later drawing from the global
+            # generator would be predictable); a seeded run (train.deterministic, not private) does, reproducibly
+            from dpldm.train.draws import new_secret_seed
+
+            torch.manual_seed(cfg.train.seed if cfg.train.deterministic else new_secret_seed())
             save_ldm(folder, LatentDiffusion(cfg))
     else:
         spec = opts.init or cfg.train.init_checkpoint
@@ -196,18 +221,24 @@ class Trainer:
 
     # -- set-up, in order -------------------------------------------------------------------------------
     def _claim_run_folder(self) -> None:
-        from dpldm.train.run_folder import RunFolderLock, check_writable
+        from dpldm.train.run_folder import RunFolderLock, check_resumable, check_writable
 
         def claim():
             self.created_run_dir = not self.run_dir.exists()
+            if self.opts.resume == "must":
+                check_resumable(self.run_dir)
             check_writable(self.run_dir)
             self.lock = RunFolderLock(self.run_dir).acquire()
-            if not self.opts.resume:
-                if list_step_checkpoints(self.run_dir):
-                    raise RunFolderError(f"{self.run_dir} already holds step checkpoints: pass --resume to continue "
-                                         "that run, or pick another --out")
-                if (self.run_dir / "model" / "meta.json").is_file():
-                    raise RunFolderError(f"{self.run_dir}/model already holds a released model: pick another --out")
+            try:
+                if self.opts.resume == "never":
+                    if list_step_checkpoints(self.run_dir):
+                        raise RunFolderError(f"{self.run_dir} already holds step checkpoints: pass --resume to "
+                                             "continue that run, or pick another --out")
+                    if (self.run_dir / "model" / "meta.json").is_file():
+                        raise RunFolderError(f"{self.run_dir}/model already holds a released model: pick another --out")
+            except BaseException:
+                self._release_lock(failed=True)
+                raise
 
         self.ctx.on_main(claim, share=False)
 
@@ -226,6 +257,16 @@ class Trainer:
 
         cfg, ctx, tc, pc = self.cfg, self.ctx, self.cfg.train, self.cfg.privacy
 
+        # kernels chosen by measurement on this machine (public shapes, synthetic data); the free-memory budget is
+        # read now, before any private data is on the device
+        self.selector = None
+        if pc.backend == "auto":
+            from dpldm.kernels.selection import KernelSelector
+
+            self.selector = KernelSelector(pc.physical_batch_size,
+                                           cache_path=self.run_dir / KERNEL_CHOICES if ctx.is_main else None)
+            self.selector.pin_budget(ctx.device)
+
         # init model (rank 0 holds it; everyone learns where it came from)
         def init():
             info, self.init_ldm = load_init(cfg, self.opts, self.run_dir)
@@ -238,10 +279,12 @@ class Trainer:
                                       synthetic=self.opts.synthetic_latents)
         if ctx.is_main:
             self.init_ldm.ae.cpu()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()  # nothing of an encoded private source stays cached on the device
         N = len(self.data)
 
         # resume, or fresh secrets: everything decided on rank 0 and shared
-        resumed = ctx.on_main(lambda: load_latest_state(self.run_dir) if self.opts.resume else None)
+        resumed = ctx.on_main(lambda: load_latest_state(self.run_dir) if self.opts.resume != "never" else None)
         if resumed is not None:
             tensors, meta, folder = resumed
             changed = config_changes(cfg, meta["config"], str(folder))
@@ -269,7 +312,7 @@ class Trainer:
                                  select_trainable=lambda m: apply_finetune(m, tc.finetune), state=state)
         del state
         unet = self.model.module
-        unet.train()
+        unet.eval()  # the whole UNet: frozen modules and dropout off (GroupNorm/LayerNorm behave the same)
         self.trainable = self.model.trainable()
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=tc.lr, weight_decay=tc.weight_decay)
         self.scheduler = warmup_scheduler(self.optimizer, tc.warmup_steps)
@@ -279,12 +322,6 @@ class Trainer:
                                timesteps_per_example=cfg.diffusion.timesteps_per_example,
                                cond_drop_prob=cfg.diffusion.cond_drop_prob, seed=diffusion_seed, device=ctx.device,
                                precision=tc.precision)
-        self.selector = None
-        if pc.backend == "auto":  # kernels chosen by measurement on this machine (public shapes, synthetic data)
-            from dpldm.kernels.selection import KernelSelector
-
-            self.selector = KernelSelector(pc.physical_batch_size,
-                                           cache_path=self.run_dir / KERNEL_CHOICES if ctx.is_main else None)
         self.dp = DPStep(unet, loss, self.ledger, noise=noise, optimizer=self.optimizer, world=ctx.world(),
                          norm_method=pc.norm_method, backend=pc.backend, physical_batch_size=pc.physical_batch_size,
                          acc_dtype=torch.float64, selector=self.selector)
@@ -293,10 +330,25 @@ class Trainer:
             restore_state(tensors, meta, trainable=self.trainable, ema=self.ema, optimizer=self.optimizer,
                           scheduler=self.scheduler)
         self.dummy = ChunkBatch(torch.zeros((1, *latent_shape(cfg))), torch.zeros(1, dtype=torch.int64),
-                                torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step)
+                                torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step, probe)
+        self._probe()
         self.model.sync_check()
         self.resumed_from = str(resumed[2]) if resumed is not None else None
         self.saved_by = resumed[1]["world_size"] if resumed is not None else None
+
+    def _probe(self) -> None:
+        """Before the first private chunk (collective): one discarded forward+backward of the PUBLIC
+        dummy batch must change no parameter or buffer and draw nothing from torch's global RNG
+        (DPStep.probe), and measures every kernel choice on public shapes; then every rank adopts
+        rank 0's choices and the selector is frozen (no measurement beside private data)."""
+        self.dp.probe(self.dummy)
+        if self.stage == 3:
+            self.model.after_backward()
+        if self.selector is not None:
+            choices = self.ctx.broadcast_object(self.selector.state_dict() if self.ctx.is_main else None)
+            if not self.ctx.is_main:
+                self.selector.load_state_dict(choices, replace=True)
+            self.selector.freeze("measured at set-up on the public dummy batch, before any private chunk")
 
     def _start_logger(self):
         from dpldm.models.selection import count_parameters
@@ -308,7 +360,7 @@ class Trainer:
             return _NullLogger()
         cfg, pc, tc, led = self.cfg, self.cfg.privacy, self.cfg.train, self.ledger
         logger = RunLogger(self.run_dir, cfg, use_wandb=tc.wandb, total_steps=pc.steps, initial_step=led.steps_done,
-                           job="finetune", resume=self.resumed_from is not None)
+                           job="finetune", resume=self.resumed_from is not None, private=not tc.not_private)
         where = (f"{self.ctx.world_size} rank(s) via {self.ctx.launcher}, {self.ctx.backend}, ZeRO stage {self.stage}"
                  if self.ctx.world_size > 1 else "one process")
         private = "" if not tc.not_private else " -- NOT PRIVATE (train.not_private: epsilon reported as inf)"
@@ -334,6 +386,15 @@ class Trainer:
             + (f"\n[finetune] resumed from {self.resumed_from} at step {led.steps_done} (epsilon spent "
                f"{led.epsilon_spent():.4g}; saved by {self.saved_by} rank(s), now {self.ctx.world_size}); changed "
                f"since: {self.history[-1]['changed'] or 'nothing'}" if self.resumed_from else ""))
+        if cfg.unet.dropout > 0:
+            logger.info(f"[finetune] unet.dropout = {cfg.unet.dropout:g} is OFF in DP fine-tuning: the UNet runs in eval "
+                        "mode (dropout masks drawn from the global RNG by row position would break the DP bound)")
+        if not tc.not_private:
+            logger.info("[finetune] private run: no step timings are logged (a step's duration grows with its "
+                        "realised Poisson batch, a private count)")
+        if self.selector is not None:
+            logger.info(f"[finetune] kernels chosen by measurement at set-up on public shapes (cached in "
+                        f"{self.run_dir / KERNEL_CHOICES}):\n" + self.selector.summary())
         return logger
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -377,6 +438,7 @@ class Trainer:
         stop_at = pc.steps if self.opts.max_steps is None else min(pc.steps, start + self.opts.max_steps)
         stop = StopRequest()
         stop_reason = None
+        timed = tc.not_private  # a private run logs no timing (module docstring)
         t0 = t_log = time.perf_counter()
         steps_at_log = start
         try:
@@ -384,23 +446,24 @@ class Trainer:
                 self.step()
                 s = dp.step_index
                 logger.advance()
-                if s == start + 1 and self.selector is not None:
-                    logger.info(f"[finetune] kernels chosen by measurement (cached in {self.run_dir / KERNEL_CHOICES}):\n"
-                                + self.selector.summary())
                 if self.opts.check_every and s % self.opts.check_every == 0:
                     self.model.sync_check()
                 if s % tc.log_every == 0 or s == pc.steps:
-                    now = time.perf_counter()
-                    rate = (s - steps_at_log) / max(now - t_log, 1e-9)
-                    logger.log(s, {"epsilon": self._epsilon_now(), "lr": self.scheduler.get_last_lr()[0],
-                                   "steps_per_s": rate, "expected_examples_per_s": rate * self.ledger.expected_batch_size,
-                                   "wall_s": now - t0})
-                    t_log, steps_at_log = now, s
+                    scalars = {"epsilon": self._epsilon_now(), "lr": self.scheduler.get_last_lr()[0]}
+                    if timed:
+                        now = time.perf_counter()
+                        rate = (s - steps_at_log) / max(now - t_log, 1e-9)
+                        scalars.update(steps_per_s=rate, expected_examples_per_s=rate * self.ledger.expected_batch_size,
+                                       wall_s=now - t0)
+                        t_log, steps_at_log = now, s
+                    logger.log(s, scalars)
                 asked = stop.signal_name or (STOP_FILE if ctx.is_main and (self.run_dir / STOP_FILE).exists() else None)
                 want_stop = ctx.all_reduce_max_int(int(asked is not None or s >= stop_at))
-                if s % tc.checkpoint_every == 0 or s == pc.steps or want_stop:
+                grid_due = bool(tc.sample_every) and s % tc.sample_every == 0
+                # checkpoint FIRST, then the grid: a released grid's step is never re-run after a crash
+                if s % tc.checkpoint_every == 0 or s == pc.steps or want_stop or grid_due:
                     self._checkpoint()
-                if tc.sample_every and s % tc.sample_every == 0 and ctx.is_main:
+                if grid_due and ctx.is_main:
                     logger.log_image(s, self._sample_grid(s))
                 if want_stop and s < pc.steps:
                     stop_reason = asked or (f"--max-steps {self.opts.max_steps}" if s >= stop_at
@@ -409,7 +472,7 @@ class Trainer:
         finally:
             stop.restore()
             logger.close()
-        return self._finish(stop_reason, time.perf_counter() - t0)
+        return self._finish(stop_reason, time.perf_counter() - t0 if timed else None)
 
     def _epsilon_now(self) -> float:
         return self.ledger.epsilon_spent() if not self.cfg.train.not_private else math.inf
@@ -464,7 +527,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         return save_image_grid(x, path, nrow=2 * min(k, 10) if k <= 10 else 10, upscale=2)
 
-    def _finish(self, stop_reason: str | None, wall_s: float) -> dict[str, Any]:
+    def _finish(self, stop_reason: str | None, wall_s: float | None) -> dict[str, Any]:
         from dpldm.models.ldm import save_ldm
         from dpldm.train.run_folder import STOP_FILE
         from dpldm.train.dp_state import privacy_report
@@ -478,20 +541,22 @@ class Trainer:
                                   "device": describe_device(self.ctx.device), "precision": cfg.train.precision,
                                   "world_size": self.ctx.world_size, "rank": self.ctx.rank}
         if result["finished"]:
+            trained = {"device": result["device"], "precision": cfg.train.precision,
+                       "world_size": self.ctx.world_size, "zero_stage": self.stage}
+            if wall_s is not None:  # --not-private runs only: a private run's duration is a private count
+                trained["wall_s_last_invocation"] = round(wall_s, 1)
+
             def release():
                 path = save_ldm(self.run_dir / "model", self._released_ldm(), {
                     "privacy": report, "finetuned_from": self.init.folder, "private_data": self.data.description,
-                    "trained": {"device": result["device"], "precision": cfg.train.precision,
-                                "world_size": self.ctx.world_size, "zero_stage": self.stage,
-                                "wall_s_last_invocation": round(wall_s, 1)}})
+                    "trained": trained})
                 return str(path)
             result["model"] = self.ctx.on_main(release)
         elif self.ctx.is_main and self.opts.verbose:
             if stop_reason == STOP_FILE:
                 (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # honoured: the resumed run trains on
             print(f"[finetune] stopped at step {led.steps_done} of {cfg.privacy.steps} ({stop_reason}); checkpoint "
-                  f"written. Resume with the same command plus --resume (launch/train.py resumes by default)",
-                  flush=True)
+                  f"written. {resume_hint(self.opts)}", flush=True)
         self._release_lock()
         return result
 
@@ -506,6 +571,18 @@ class Trainer:
                     self.run_dir.rmdir()  # only if empty
                 except OSError:
                     pass
+
+
+def resume_hint(opts: FinetuneOptions) -> str:
+    """How to continue a stopped run, for the command that was actually run."""
+    if opts.command == "launch/train.py":
+        if opts.resume == "never":
+            return "Resume with the same launch/train.py command with --resume in place of --resume never"
+        return ("Resume with the same command: launch/train.py continues from the newest checkpoint (--resume auto, "
+                "the default; a plain --resume also refuses to start over when there is none)")
+    if opts.resume == "must":
+        return "Resume with the same command (it already has --resume)"
+    return "Resume with the same command plus --resume"  # dpldm finetune, dpldm demo
 
 
 def print_result(result: dict[str, Any]) -> None:

@@ -5,6 +5,11 @@
   trainer on the same folder exits at once with a RunFolderError naming the holder's pid.
 * `check_writable`: `--out` that is a file, or a folder that cannot be written, is refused before
   anything is computed.
+* `check_resumable`: an explicit `--resume` (`dpldm finetune --resume`, `launch/train.py --resume`)
+  on a folder that does not exist or holds no step checkpoint is refused, before the folder is
+  touched: silently starting a new run there would begin again with a full privacy budget.
+  (`launch/train.py --resume auto`, its default, continues when there is a checkpoint and starts a
+  new run otherwise.)
 * `StopRequest`: SIGTERM / SIGUSR1 (SLURM preemption) / SIGINT (Ctrl-C), or a file named STOP in
   the run folder: finish the current logical step, write a checkpoint, exit 0 and say how to
   resume. A second SIGINT/SIGTERM stops at once (a launcher tearing down ranks whose peer died
@@ -36,6 +41,20 @@ def check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RunFolderError(f"--out {run_dir}: cannot write there ({os.strerror(e.errno or errno.EIO)})") from None
+
+
+def check_resumable(run_dir: Path) -> None:
+    """An explicit resume: `run_dir` must be a folder holding at least one step checkpoint."""
+    from dpldm.checkpoint import list_step_checkpoints
+
+    if not run_dir.exists():
+        raise RunFolderError(f"--resume: {run_dir} does not exist, so there is no run to continue (a new run would start "
+                             "with a full privacy budget); check --out, or drop --resume to start a new run")
+    if not run_dir.is_dir():
+        raise RunFolderError(f"--resume: {run_dir} exists and is not a folder")
+    if not list_step_checkpoints(run_dir):
+        raise RunFolderError(f"--resume: {run_dir} holds no step checkpoint (checkpoints/step_*), so there is no run to "
+                             "continue; check --out, or drop --resume to start a new run there")
 
 
 class RunFolderLock:

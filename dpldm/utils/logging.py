@@ -8,6 +8,14 @@
   "dpldm". The run id is stored in `<run>/wandb_run_id` and reused, so a resumed run continues the
   same wandb run (resume="allow") instead of starting a new one.
 * Only aggregate, public scalars are logged: never per-example values (the DP rule).
+* `private=True` (a DP run with secret randomness): NO timing at all, since a step's duration
+  grows with its realised Poisson batch (a private count). metrics.jsonl rows carry no "time";
+  scalars named like timings (TIMING_KEYS) are refused; the progress bar shows no rate, elapsed
+  time or ETA; wandb gets no system metrics (x_disable_stats) and no console capture (its lines
+  are time-stamped) unless the user's WANDB_X_DISABLE_STATS / WANDB_CONSOLE say otherwise, and its
+  history rows are sent together when the logger closes (wandb stamps every row with its own
+  `_runtime` on arrival, which cannot be switched off in wandb 0.31: sent together, the rows'
+  stamps say only when the invocation ended, like the run's own start/end records).
 """
 from __future__ import annotations
 
@@ -27,12 +35,17 @@ from dpldm.config import RunConfig, save_resolved
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_run_id"
 _OURS: dict[str, str] = {}  # WANDB_* variables this process set itself (a later run may set them again)
+TIMING_KEYS = ("steps_per_s", "expected_examples_per_s", "examples_per_s", "wall_s", "time", "elapsed", "eta",
+               "step_s", "seconds_per_step")
+PRIVATE_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"  # no rate, elapsed time or ETA
 
 
 class RunLogger:
     def __init__(self, run_dir: str | Path, cfg: RunConfig, *, use_wandb: bool, total_steps: int,
-                 initial_step: int = 0, job: str = "run", resume: bool = False) -> None:
+                 initial_step: int = 0, job: str = "run", resume: bool = False, private: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.private = bool(private)
+        self._held: list[tuple[int, dict[str, Any]]] = []  # private: wandb rows sent at close()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = save_resolved(cfg, self.run_dir)
         self.info(f"[{job}] resolved config ({path}):\n{cfg.to_json()}")
@@ -40,7 +53,8 @@ class RunLogger:
         self._wandb = self._start_wandb(cfg, job, resume) if use_wandb else None
         tty = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=job, dynamic_ncols=True,
-                        mininterval=0.5 if tty else 30.0, file=sys.stderr)
+                        mininterval=0.5 if tty else 30.0, file=sys.stderr,
+                        bar_format=PRIVATE_BAR if self.private else None)
 
     def _start_wandb(self, cfg: RunConfig, job: str, resume: bool):
         import wandb
@@ -56,9 +70,16 @@ class RunLogger:
         id_file = self.run_dir / WANDB_ID
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
+        settings = {}
+        if self.private:  # off by default in a private run; the user's explicit WANDB_* variable wins
+            if "WANDB_X_DISABLE_STATS" not in os.environ:
+                settings["x_disable_stats"] = True
+            if "WANDB_CONSOLE" not in os.environ:
+                settings["console"] = "off"
         run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dpldm", job_type=job, id=run_id, resume="allow",
                          dir=os.environ["WANDB_DIR"], config=cfg.to_dict(),
-                         name=os.environ.get("WANDB_NAME") or f"{job}-{self.run_dir.name}")
+                         name=os.environ.get("WANDB_NAME") or f"{job}-{self.run_dir.name}",
+                         settings=wandb.Settings(**settings) if settings else None)
         self.info(f"[{job}] wandb {os.environ['WANDB_MODE']} run {run_id} (project {run.project}) in "
                   f"{os.environ['WANDB_DIR']}")
         return run
@@ -80,32 +101,47 @@ class RunLogger:
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"RunLogger.log: {k!r} must be a number, got {type(v).__name__}")
+            if self.private and k in TIMING_KEYS:
+                raise ValueError(f"RunLogger.log: {k!r} is a timing, which a private run must not log (a step's "
+                                 "duration grows with its realised Poisson batch)")
             clean[k] = v
-        row = {"step": int(step), "time": round(time.time(), 3),
-               **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+        row = {"step": int(step), **self._stamp(), **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         self.bar.set_postfix({k: _fmt(v) for k, v in clean.items()}, refresh=False)
-        if self._wandb is not None:
-            self._wandb.log(clean, step=step)
+        self._to_wandb(step, clean)
         if echo:
             self.info(f"step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in clean.items()))
 
     def log_image(self, step: int, path: str | Path, key: str = "samples") -> None:
         """A picture the run made (e.g. an EMA sample grid): named in metrics.jsonl, sent to wandb."""
-        self._metrics.write(json.dumps({"step": int(step), "time": round(time.time(), 3), key: str(path)}) + "\n")
+        self._metrics.write(json.dumps({"step": int(step), **self._stamp(), key: str(path)}) + "\n")
         self._metrics.flush()
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+            self._to_wandb(step, {key: wandb.Image(str(path))})
         self.info(f"step {step}: {key} -> {path}")
+
+    def _stamp(self) -> dict[str, float]:
+        return {} if self.private else {"time": round(time.time(), 3)}
+
+    def _to_wandb(self, step: int, row: dict[str, Any]) -> None:
+        if self._wandb is None:
+            return
+        if self.private:
+            self._held.append((int(step), row))
+        else:
+            self._wandb.log(row, step=step)
 
     def close(self) -> None:
         self.bar.close()
         if not self._metrics.closed:
             self._metrics.close()
         if self._wandb is not None:
+            for step, row in self._held:
+                self._wandb.log(row, step=step)
+            self._held.clear()
             self._wandb.finish()
             self._wandb = None
 
