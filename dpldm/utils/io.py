@@ -194,6 +194,19 @@ def check_output_dir(dest: str | Path, kind: str, *, overwrite: bool, inputs: In
                         "deletes files dpldm did not write: move them out or choose a new folder")
 
 
+def follow_umask(folder: Path, dir_mode: int) -> None:
+    """Give every folder below `folder` `dir_mode` (0777 less the umask) and every file that mode
+    without execute bits: writers such as safetensors create 0600 files whatever the umask."""
+    file_mode = dir_mode & 0o666
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, overwrite: bool = False, *, kind: str, inputs: Inputs = (),
                flag: str = "--out") -> Iterator[Path]:
@@ -201,7 +214,8 @@ def atomic_dir(dest: str | Path, overwrite: bool = False, *, kind: str, inputs: 
 
     `dest` must be new or empty, or (with `overwrite`) a folder dpldm wrote of the same `kind`
     and not an input (check_output_dir, run first). On error the temporary folder is removed and
-    `dest` is untouched. The folder follows the umask (mode 0777 less the umask)."""
+    `dest` is untouched. Everything in it follows the umask (follow_umask: folders 0777 and files
+    0666 less the umask), whatever modes its writers gave."""
     check_output_dir(dest, kind, overwrite=overwrite, inputs=inputs, flag=flag)
     dest = Path(dest).absolute()
     try:
@@ -212,6 +226,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False, *, kind: str, inputs: 
     try:
         yield tmp
         write_marker(tmp, kind)
+        follow_umask(tmp, os.stat(tmp).st_mode & 0o777)
         old = None
         if dest.exists():  # move the old folder aside first: a crash leaves it whole, under .NAME.*.old
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
