@@ -212,16 +212,17 @@ class BookKeepingEngine:
                     "draws from torch's global random generator row by row, so an example's mask depends on the "
                     "other examples of the batch and adding one example can move the clipped sum by more than C "
                     "(the DP bound fails); put the model in eval mode (model.eval(): dropout off, GroupNorm/"
-                    "LayerNorm unchanged) or set its probability to 0")
+                    "LayerNorm unchanged) or make the module deterministic (dropout p = 0)")
 
-    def probe(self, per_example_loss_fn: PerExampleLossFn, batch: Any, *, where: str = "public probe batch") -> None:
+    def probe(self, per_example_loss_fn: PerExampleLossFn, batch: Any, *, where: str = "set-up probe") -> None:
         """The generic set-up check: one forward+backward of a PUBLIC `batch` (its result is thrown
         away) must change no parameter or buffer of the model (a forward that writes state --
         running statistics, in-place renormalisation, a cache, a counter -- would carry private
         data out of the step without clipping or noise) and draw nothing from torch's global
         random generators (CPU, and the CUDA devices of the parameters; randomness must be keyed
-        on (secret seed, step, example), as dpldm's diffusion draws are). With a kernel selector,
-        this pass also measures every public layer shape before any private chunk exists."""
+        on (secret seed, step, example), as dpldm's diffusion draws are). On refusal the changed
+        tensors and the generators are put back as they were. With a kernel selector, this pass
+        also measures every public layer shape before any private chunk exists."""
         devices = sorted({t.device for t in self.model.parameters() if t.device.type == "cuda"}, key=str)
         before = _state_copy(self.model)
         rng = _global_rng_states(devices)
@@ -229,6 +230,14 @@ class BookKeepingEngine:
         self._reset()
         after = dict(_named_state(self.model))
         changed = [n for n, t in before.items() if n not in after or not _same(t, after[n])]
+        rng_after = _global_rng_states(devices)
+        moved = [name for name, state in rng.items() if not torch.equal(state, rng_after[name])]
+        if changed or moved:  # refused below: first put back what the pass changed (nothing is lost)
+            with torch.no_grad():
+                for n in changed:
+                    if n in after and after[n].shape == before[n].shape:
+                        after[n].copy_(before[n].to(device=after[n].device, dtype=after[n].dtype))
+            _set_global_rng_states(rng, devices)
         if changed:
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
             raise UnsupportedLayerError(
@@ -236,8 +245,6 @@ class BookKeepingEngine:
                 "module that writes state in forward (running statistics, in-place renormalisation, a cache or "
                 "counter) would carry private data out of the step without clipping or noise; make that module "
                 "stateless, or put it in a mode in which it does not update")
-        rng_after = _global_rng_states(devices)
-        moved = [name for name, state in rng.items() if not torch.equal(state, rng_after[name])]
         if moved:
             raise UnsupportedLayerError(
                 f"one forward+backward of a public batch ({where}) drew from torch's global random generator "
@@ -416,6 +423,12 @@ def _global_rng_states(devices) -> dict[str, torch.Tensor]:
     for d in devices:
         states[f"CUDA generator of {d}"] = torch.cuda.get_rng_state(d)
     return states
+
+
+def _set_global_rng_states(states: dict[str, torch.Tensor], devices) -> None:
+    torch.set_rng_state(states["CPU generator"])
+    for d in devices:
+        torch.cuda.set_rng_state(states[f"CUDA generator of {d}"], d)
 
 
 def _acc_dtype(params) -> torch.dtype:
