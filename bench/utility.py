@@ -73,7 +73,7 @@ def run_dp_finetune(cfg: RunConfig, out: Path, finetune_spec: str) -> tuple:
     cfg.train.out_dir = str(out)
     cfg.train.wandb = False
     res = train(cfg, FinetuneOptions(out=out, init=cfg.train.init_checkpoint or None,
-                                     resume=(out / "checkpoints").is_dir()))
+                                     resume="auto"))  # continue an interrupted run, else start one
     return load_ldm(res["model"]), res["privacy"]
 
 
