@@ -112,3 +112,16 @@ def test_pretrained_card_names_the_public_data(tmp_path):
     card = (folder / "README.md").read_text()
     assert "Pretrained by `dpldm pretrain-ldm` on the public data `glyphs` for 7 steps." in card
     assert "1x16x16 in [-1, 1]; 5 classes (labels 0..4) plus the\nnull class 5" in card
+
+
+def test_a_readme_that_is_not_a_dpldm_card_is_never_replaced(tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "README.md").write_text("# my project\n")
+    with pytest.warns(UserWarning, match="not a dpldm model card; left as it is"):
+        save_ldm(folder, LatentDiffusion(load_config(None, TINY)))
+    assert (folder / "README.md").read_text() == "# my project\n"
+    save_ldm(tmp_path / "n", LatentDiffusion(load_config(None, TINY)))
+    save_ldm(tmp_path / "n", LatentDiffusion(load_config(None, TINY)), {"public": "glyphs"})  # its own card: renewed
+    assert "on the public data `glyphs`" in (tmp_path / "n" / "README.md").read_text()

@@ -9,6 +9,7 @@ An autoencoder-only folder (`dpldm pretrain-ae`) has kind "autoencoder" and tens
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ def load_autoencoder(folder: str | Path) -> tuple[Autoencoder, RunConfig, dict[s
 
 
 CARD = "README.md"
+CARD_SIGNATURE = "A dpldm model folder:"  # how save_ldm recognises its own card (never replaces another README.md)
 
 
 def save_ldm(folder: str | Path, ldm: LatentDiffusion, extra: dict[str, Any] | None = None) -> Path:
@@ -126,7 +128,11 @@ def save_ldm(folder: str | Path, ldm: LatentDiffusion, extra: dict[str, Any] | N
                **prefixed("ema", ldm.ema.state_dict())}
     meta = {"kind": "ldm", "config": ldm.cfg.to_dict(), "scale_factor": ldm.scale_factor, **(extra or {})}
     folder = save_checkpoint(folder, tensors, meta)
-    atomic_write_text(folder / CARD, model_card(ldm.cfg, meta))
+    card = folder / CARD
+    if card.exists() and CARD_SIGNATURE not in card.read_text(errors="replace"):
+        warnings.warn(f"{card}: not a dpldm model card; left as it is (the model card was not written)", stacklevel=2)
+    else:
+        atomic_write_text(card, model_card(ldm.cfg, meta))
     return folder
 
 
@@ -167,7 +173,7 @@ tags:
 ---
 # Class-conditional latent diffusion {what} (dpldm {dpldm.__version__})
 
-A dpldm model folder: `tensors.safetensors` (autoencoder `ae.*`, UNet `unet.*`, its EMA `ema.*`) and
+{CARD_SIGNATURE} `tensors.safetensors` (autoencoder `ae.*`, UNet `unet.*`, its EMA `ema.*`) and
 `meta.json` (configuration, latent scale factor{', privacy report' if privacy else ''}). Images
 {d.channels}x{d.image_size}x{d.image_size} in [-1, 1]; {u.num_classes} classes (labels 0..{u.num_classes - 1}) plus the
 null class {u.num_classes} for classifier-free guidance.{origin_text}
