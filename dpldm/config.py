@@ -10,6 +10,7 @@ from dpldm.errors import InputError
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -27,6 +28,27 @@ def _require(cond: bool, where: str, msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
 
 
+def _check_fields(obj: Any, section: str) -> None:
+    """Type-check every field of a section dataclass against its annotation, however it was built
+    (TOML, `--set`, a checkpoint's meta.json, a diffusers config, Python): bools are not numbers,
+    numbers are finite, lists become tuples, ints become floats where a float is declared."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}"))
+
+
+# Upper limits on sizes: far above any real recipe, low enough that a typo (an extra zero or ten)
+# is refused here rather than ending in an allocation failure or a run that never finishes.
+MAX_CHANNELS = 8192  # widths, context_dim
+MAX_LEVEL_COUNT = 8  # unet.channel_mult entries (each level halves the latent)
+MAX_BLOCKS = 64  # res blocks / transformer depth / heads
+MAX_CLASSES = 1_000_000
+MAX_IMAGE_SIZE = 8192
+MAX_TIMESTEPS = 100_000
+MAX_STEPS = 10**9
+MAX_LR = 10.0  # AdamW learning rates above this diverge on the first steps
+
+
 @dataclass
 class AutoencoderConfig:
     in_channels: int = 1
@@ -41,14 +63,19 @@ class AutoencoderConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
     def __post_init__(self) -> None:
+        _check_fields(self, "autoencoder")
         _require(self.in_channels in (1, 3, 4), "autoencoder.in_channels", f"must be 1, 3 or 4, got {self.in_channels}")
         _require(len(self.channel_mult) in (1, 2, 3, 4), "autoencoder.channel_mult",
                  f"length sets f in {{1,2,4,8}}; got {self.channel_mult}")
         _require(all(m > 0 for m in self.channel_mult), "autoencoder.channel_mult", "entries must be positive")
         _require(self.base_channels > 0 and self.base_channels % 8 == 0, "autoencoder.base_channels",
                  f"must be a positive multiple of 8 (GroupNorm), got {self.base_channels}")
-        _require(self.num_res_blocks >= 1, "autoencoder.num_res_blocks", "must be >= 1")
-        _require(self.latent_channels >= 1, "autoencoder.latent_channels", "must be >= 1")
+        _require(all(self.base_channels * m <= MAX_CHANNELS for m in self.channel_mult), "autoencoder.channel_mult",
+                 f"widths base_channels * mult must be <= {MAX_CHANNELS}, got {self.base_channels} * {self.channel_mult}")
+        _require(1 <= self.num_res_blocks <= MAX_BLOCKS, "autoencoder.num_res_blocks",
+                 f"must lie in [1, {MAX_BLOCKS}], got {self.num_res_blocks}")
+        _require(1 <= self.latent_channels <= MAX_CHANNELS, "autoencoder.latent_channels",
+                 f"must lie in [1, {MAX_CHANNELS}], got {self.latent_channels}")
         _require(self.kl_weight >= 0, "autoencoder.kl_weight", "must be >= 0")
 
 
@@ -67,17 +94,26 @@ class UNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.in_channels >= 1, "unet.in_channels", "must be >= 1")
+        _check_fields(self, "unet")
+        _require(1 <= self.in_channels <= MAX_CHANNELS, "unet.in_channels", f"must lie in [1, {MAX_CHANNELS}]")
         _require(self.model_channels > 0 and self.model_channels % 8 == 0, "unet.model_channels",
                  f"must be a positive multiple of 8, got {self.model_channels}")
-        _require(len(self.channel_mult) >= 1, "unet.channel_mult", "must not be empty")
+        _require(1 <= len(self.channel_mult) <= MAX_LEVEL_COUNT, "unet.channel_mult",
+                 f"must have 1..{MAX_LEVEL_COUNT} entries, got {len(self.channel_mult)}")
+        _require(all(m > 0 for m in self.channel_mult), "unet.channel_mult", f"entries must be positive, got {self.channel_mult}")
+        _require(all(self.model_channels * m <= MAX_CHANNELS for m in self.channel_mult), "unet.channel_mult",
+                 f"widths model_channels * mult must be <= {MAX_CHANNELS}, got {self.model_channels} * {self.channel_mult}")
+        _require(1 <= self.num_res_blocks <= MAX_BLOCKS, "unet.num_res_blocks", f"must lie in [1, {MAX_BLOCKS}], got {self.num_res_blocks}")
+        _require(1 <= self.transformer_depth <= MAX_BLOCKS, "unet.transformer_depth",
+                 f"must lie in [1, {MAX_BLOCKS}], got {self.transformer_depth}")
+        _require(1 <= self.context_dim <= MAX_CHANNELS, "unet.context_dim", f"must lie in [1, {MAX_CHANNELS}], got {self.context_dim}")
         _require(all(0 <= lv < len(self.channel_mult) for lv in self.attention_levels), "unet.attention_levels",
                  f"levels must lie in [0, {len(self.channel_mult)}), got {self.attention_levels}")
-        _require(self.num_heads >= 1, "unet.num_heads", "must be >= 1")
+        _require(1 <= self.num_heads <= MAX_BLOCKS, "unet.num_heads", f"must lie in [1, {MAX_BLOCKS}], got {self.num_heads}")
         for m in self.channel_mult:
             _require((self.model_channels * m) % self.num_heads == 0, "unet.num_heads",
                      f"must divide every level width ({self.model_channels * m})")
-        _require(self.num_classes >= 1, "unet.num_classes", "must be >= 1")
+        _require(1 <= self.num_classes <= MAX_CLASSES, "unet.num_classes", f"must lie in [1, {MAX_CLASSES}], got {self.num_classes}")
         _require(0.0 <= self.dropout < 1.0, "unet.dropout", "must lie in [0, 1)")
 
 
@@ -95,13 +131,15 @@ class DiffusionConfig:
     cond_drop_prob: float = 0.1  # classifier-free guidance training: label -> null class
 
     def __post_init__(self) -> None:
+        _check_fields(self, "diffusion")
         _require(self.schedule in ("linear", "cosine"), "diffusion.schedule", f"must be linear|cosine, got {self.schedule!r}")
-        _require(self.timesteps >= 2, "diffusion.timesteps", "must be >= 2")
+        _require(2 <= self.timesteps <= MAX_TIMESTEPS, "diffusion.timesteps", f"must lie in [2, {MAX_TIMESTEPS}], got {self.timesteps}")
         _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start/beta_end", "need 0 < start < end < 1")
-        _require(self.timesteps_per_example >= 1, "diffusion.timesteps_per_example", "must be >= 1")
+        _require(1 <= self.timesteps_per_example <= 1024, "diffusion.timesteps_per_example",
+                 f"must lie in [1, 1024], got {self.timesteps_per_example}")
         _require(self.sampler in ("ddim", "ddpm"), "diffusion.sampler", f"must be ddim|ddpm, got {self.sampler!r}")
         _require(1 <= self.sample_steps <= self.timesteps, "diffusion.sample_steps", "must lie in [1, timesteps]")
-        _require(self.eta >= 0, "diffusion.eta", "must be >= 0")
+        _require(0 <= self.eta <= 1, "diffusion.eta", f"must lie in [0, 1], got {self.eta}")
         _require(self.guidance_scale >= 0, "diffusion.guidance_scale", "must be >= 0")
         _require(0 <= self.cond_drop_prob < 1, "diffusion.cond_drop_prob", "must lie in [0, 1)")
 
@@ -118,11 +156,16 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.image_size >= 8 and self.image_size % 8 == 0, "data.image_size", "must be a multiple of 8, >= 8")
+        _check_fields(self, "data")
+        _require(8 <= self.image_size <= MAX_IMAGE_SIZE and self.image_size % 8 == 0, "data.image_size",
+                 f"must be a multiple of 8 in [8, {MAX_IMAGE_SIZE}], got {self.image_size}")
         _require(self.channels in (1, 3, 4), "data.channels", "must be 1, 3 or 4")
-        _require(self.num_classes >= 1, "data.num_classes", "must be >= 1")
-        _require(self.public_size >= 1, "data.public_size", "must be >= 1")
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(1 <= self.num_classes <= MAX_CLASSES, "data.num_classes", f"must lie in [1, {MAX_CLASSES}], got {self.num_classes}")
+        _require(1 <= self.public_size <= 10**9, "data.public_size", f"must lie in [1, 10**9], got {self.public_size}")
+        _require(0 <= self.seed < 2**63, "data.seed", f"must lie in [0, 2**63), got {self.seed}")
+        _require(self.public.strip() != "", "data.public", "must name a source or a shard folder, got ''")
+        _require(self.private.strip() != "", "data.private", "must name a source or a shard folder, got ''")
+        _require(0 <= self.num_workers <= 1024, "data.num_workers", f"must lie in [0, 1024], got {self.num_workers}")
 
 
 @dataclass
@@ -142,6 +185,7 @@ class PrivacyConfig:
     physical_batch_size: int = 64  # examples per chunk through the model
 
     def __post_init__(self) -> None:
+        _check_fields(self, "privacy")
         if self.epsilon is not None:
             _require(self.epsilon > 0, "privacy.epsilon", f"must be > 0, got {self.epsilon}")
         _require(0 < self.delta < 1, "privacy.delta", f"must lie in (0, 1), got {self.delta}")
@@ -154,7 +198,7 @@ class PrivacyConfig:
         _require(self.expected_batch_size >= 1, "privacy.expected_batch_size", "must be >= 1")
         if self.sample_rate is not None:
             _require(0 < self.sample_rate <= 1, "privacy.sample_rate", f"must lie in (0, 1], got {self.sample_rate}")
-        _require(self.steps >= 1, "privacy.steps", "must be >= 1")
+        _require(1 <= self.steps <= MAX_STEPS, "privacy.steps", f"must lie in [1, {MAX_STEPS}], got {self.steps}")
         _require(self.accountant in ("prv", "rdp"), "privacy.accountant", f"must be prv|rdp, got {self.accountant!r}")
         _require(self.norm_method in ("auto", "ghost", "materialize"), "privacy.norm_method",
                  f"must be auto|ghost|materialize, got {self.norm_method!r}")
@@ -192,20 +236,31 @@ class TrainConfig:
     ae_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        ok = self.finetune in ("all", "attention:all") or self.finetune.startswith("attention:")
-        _require(ok, "train.finetune", f"must be all | attention:all | attention:A-B, got {self.finetune!r}")
-        _require(self.lr > 0, "train.lr", "must be > 0")
+        _check_fields(self, "train")
+        from dpldm.models.selection import check_finetune_spec
+
+        try:
+            check_finetune_spec(self.finetune)
+        except ValueError as e:
+            raise ConfigError(f"train.finetune: {e}") from None
+        _require(0 < self.lr <= MAX_LR, "train.lr", f"must lie in (0, {MAX_LR:g}], got {self.lr:g}")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.lr * self.weight_decay < 1, "train.weight_decay",
+                 f"train.lr * train.weight_decay must be < 1 (AdamW multiplies the weights by 1 - lr * weight_decay "
+                 f"every step), got {self.lr:g} * {self.weight_decay:g}")
+        _require(0 <= self.warmup_steps <= MAX_STEPS, "train.warmup_steps",
+                 f"must lie in [0, {MAX_STEPS}], got {self.warmup_steps}")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _require(self.steps >= 0, "train.steps", "must be >= 0")
+        _require(0 <= self.steps <= MAX_STEPS, "train.steps", f"must lie in [0, {MAX_STEPS}], got {self.steps}")
+        _require(0 <= self.seed < 2**63, "train.seed", f"must lie in [0, 2**63), got {self.seed}")
         _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
         _require(self.sample_every >= 0, "train.sample_every", "must be >= 0")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-        _require(self.threads >= 0, "train.threads", "must be >= 0")
+        _require(0 <= self.threads <= 4096, "train.threads", f"must lie in [0, 4096] (0 = leave as is), got {self.threads}")
+        _require(self.out_dir.strip() != "", "train.out_dir", "must name a run folder, got ''")
         from dpldm.utils.device import check_device_spec
 
         try:
@@ -213,8 +268,8 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         _require(self.precision in ("fp32", "bf16"), "train.precision", f"must be fp32|bf16, got {self.precision!r}")
-        _require(self.ae_steps >= 0, "train.ae_steps", "must be >= 0")
-        _require(self.ae_lr > 0, "train.ae_lr", "must be > 0")
+        _require(0 <= self.ae_steps <= MAX_STEPS, "train.ae_steps", f"must lie in [0, {MAX_STEPS}], got {self.ae_steps}")
+        _require(0 < self.ae_lr <= MAX_LR, "train.ae_lr", f"must lie in (0, {MAX_LR:g}], got {self.ae_lr:g}")
         _require(self.ae_batch_size >= 1, "train.ae_batch_size", "must be >= 1")
 
 
@@ -309,7 +364,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{where}: expected a finite number, got an integer of {len(str(abs(value)))} digits "
+                              "(beyond float range)") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -323,11 +385,15 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     path, raw = text.split("=", 1)
     section, key = path.strip().split(".", 1)
+    if not section.strip() or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        parsed = tomllib.loads(f"v = {raw}")
     except tomllib.TOMLDecodeError:
-        value = raw
-    return section, key, value
+        parsed = {"v": raw}
+    if set(parsed) != {"v"}:  # a newline in the value smuggled in another TOML key
+        raise ConfigError(f"--set {text!r}: the value must be one TOML value on one line")
+    return section.strip(), key.strip(), parsed["v"]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -337,10 +403,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         where = str(p)
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder, not a config file (give a .toml recipe)")
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); TOML recipes are UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     for text in overrides:

@@ -42,6 +42,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default train.precision")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag, before the (long, privacy-spending) fine-tuning starts."""
+    from dpldm.errors import UserError
+    from dpldm.sample import MAX_SAMPLES
+
+    if not str(args.out).strip():
+        raise UserError("--out: empty path")
+    for anc in [Path(args.out).absolute(), *Path(args.out).absolute().parents]:
+        if anc.exists() and not anc.is_dir():
+            raise UserError(f"--out {args.out}: cannot use it as the run folder, {anc} is a file")
+    if not 1 <= args.samples_per_class <= MAX_SAMPLES:
+        raise UserError(f"--samples-per-class must lie in [1, {MAX_SAMPLES:,}], got {args.samples_per_class}")
+    if not args.no_fid and args.fid_samples < 2:
+        raise UserError(f"--fid-samples must be >= 2 (or pass --no-fid), got {args.fid_samples}")
+
+
+def check_total_samples(per_class: int, num_classes: int) -> None:
+    from dpldm.errors import UserError
+    from dpldm.sample import MAX_SAMPLES
+
+    if per_class * num_classes > MAX_SAMPLES:
+        raise UserError(f"--samples-per-class {per_class} x {num_classes} classes = {per_class * num_classes:,} "
+                        f"samples, above the {MAX_SAMPLES:,} sampled at once")
+
+
 @torch.no_grad()
 def sample_per_class(ldm, num_classes: int, per_class: int, *, batch: int = 250, seed: int = 0,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +79,11 @@ def sample_per_class(ldm, num_classes: int, per_class: int, *, batch: int = 250,
     g = torch.Generator().manual_seed(seed)
     for s in tqdm(range(0, labels.numel(), batch), desc="sampling", disable=not progress):
         x = ldm.sample(labels[s:s + batch].to(device), generator=g)  # (b, C, H, W) in [-1, 1]
+        if not bool(torch.isfinite(x).all()):
+            from dpldm.errors import UserError
+
+            raise UserError(f"samples {s}..{s + x.shape[0] - 1} came out NaN/inf; nothing was written (check the "
+                            "model's weights and scale factor, and diffusion.guidance_scale)")
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     imgs = torch.cat(out).permute(0, 2, 3, 1).numpy()  # (n, H, W, C)
     return (imgs[..., 0] if imgs.shape[-1] == 1 else imgs), labels.numpy()
@@ -95,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from dpldm.train.dp_finetune import FinetuneOptions, train
     from dpldm.utils.device import describe_device, resolve_device
 
+    check_args(args)
     t0 = time.time()
     out = Path(args.out)
     overrides = list(args.set) + [f"train.out_dir={json.dumps(str(out / 'finetune'))}"]
@@ -105,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.precision is not None:
         overrides.append(f"train.precision={json.dumps(args.precision)}")
     cfg: RunConfig = load_config(args.config, overrides)
+    check_total_samples(args.samples_per_class, cfg.data.num_classes)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device, "--device")

@@ -99,11 +99,13 @@ def check_args(args: argparse.Namespace) -> None:
                              ("--seed", args.seed, 0), ("--upscale", args.upscale, 1), ("--threads", args.threads, 0)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
+    if not str(args.checkpoint).strip():
+        raise UserError("--checkpoint: empty path")
     if args.seed > MAX_SEED:
         raise UserError(f"--seed must lie in [0, 2**32 - 1 = {MAX_SEED}] (sample i's noise is seeded with "
                         f"(seed << 32) + i), got {args.seed}")
     if args.per_class is not None and args.per_class > MAX_SAMPLES:
-        raise UserError(f"--per-class {args.per_class}: at most {MAX_SAMPLES:,} samples per call; "
+        raise UserError(f"--per-class (--n) {args.per_class}: at most {MAX_SAMPLES:,} samples per call; "
                         "sample in several calls with different --seed values")
     if args.threads > MAX_THREADS:
         raise UserError(f"--threads must lie in [0, {MAX_THREADS}] (0 = leave as is), got {args.threads}")

@@ -224,7 +224,7 @@ ROWS = [
     Row("import-out-other-dataset", "`data import` into a dpldm folder of another dataset, no `--overwrite`",
         _other_dataset, "already holds a different dataset"),
     Row("import-out-unwritable", "`data import --out` in a folder the user cannot write",
-        lambda e, c: _imp("glyphs", _readonly(e, c) / "out", "--num", "100000000"), "cannot write in"),
+        lambda e, c: _imp("glyphs", _readonly(e, c) / "out", "--num", "10000000"), "cannot write in"),
     Row("import-file-size-limit", "a write fails mid-import (file size limit, EFBIG; a real process)",
         _fsize_source, "shard-000001.tar: cannot write (file size limit reached", via="fsize", clean="no-manifest"),
     Row("import-disk-full", "the disk fills up mid-import (a 96 kB tmpfs, ENOSPC)", _disk_full,

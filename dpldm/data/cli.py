@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("--shard-size", type=int, default=1000, help="examples per shard (default 1000)")
     p.add_argument("--format", default="npy", choices=("npy", "png"), help="image payload format")
-    p.add_argument("--num", type=int, default=None, help="glyphs only: how many to render")
-    p.add_argument("--seed", type=int, default=0, help="glyphs only: render seed (test split uses seed+1)")
+    p.add_argument("--num", type=int, default=None, help=f"glyphs only: how many to render (1..{MAX_NUM:,})")
+    p.add_argument("--seed", type=int, default=None, help="glyphs only: render seed >= 0 (default 0; test split uses seed+1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a shard folder dpldm wrote for a different dataset (never anything else)")
     p.add_argument("--mode", default=None, choices=MODES,
@@ -53,7 +53,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+MAX_NUM = 10_000_000  # glyphs rendered per import (about 10 GiB of 32x32 images in memory)
+MAX_INSPECT_PER_CLASS = 1000  # grid rows of `data inspect`
+PATH_ARGS = ("source", "out", "shards", "autoencoder", "dir", "grid")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Argument checks that need no data: empty paths, counts and seeds out of range."""
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if value is not None and not str(value).strip():
+            flag = "DIR" if name == "dir" else f"--{name.replace('_', '-')}"
+            raise UserError(f"{flag}: empty path")
+    if args.data_command == "import":
+        if args.source != "glyphs":
+            given = [flag for flag, v in (("--num", args.num), ("--seed", args.seed)) if v is not None]
+            if given:
+                verb = "apply" if len(given) > 1 else "applies"
+                raise UserError(f"{' and '.join(given)} {verb} to --source glyphs only (--source {args.source} "
+                                "imports every example it holds)")
+        if args.num is not None and not 1 <= args.num <= MAX_NUM:
+            raise UserError(f"--num must lie in [1, {MAX_NUM:,}] (glyphs to render), got {args.num}")
+        if args.seed is not None and not 0 <= args.seed < 2**63 - 1:
+            raise UserError(f"--seed must lie in [0, 2**63 - 1), got {args.seed}")
+        if args.seed is None:
+            args.seed = 0
+    if args.data_command == "inspect" and not 1 <= args.per_class <= MAX_INSPECT_PER_CLASS:
+        raise UserError(f"--per-class must lie in [1, {MAX_INSPECT_PER_CLASS}] (grid examples per class), "
+                        f"got {args.per_class}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     progress = _Progress()
     try:
         return {"import": _import, "encode": _encode, "inspect": _inspect}[args.data_command](args, progress)

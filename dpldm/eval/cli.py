@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -138,6 +139,72 @@ def load_images(path: str, what: str, mode: Optional[str] = None) -> tuple[np.nd
     return images, labels
 
 
+# ----------------------------------------------------------------------------- arguments
+
+MAX_EPOCHS = 10_000
+MAX_KID_SUBSETS = 100_000
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag that needs no data, before anything is loaded or computed."""
+    for flag, value in (("--samples", args.samples), ("--real", args.real), ("--real-test", args.real_test),
+                        ("--cache-dir", args.cache_dir), ("--json", args.json_out)):
+        if value is not None and not str(value).strip():
+            raise UserError(f"{flag}: empty path")
+    for flag, value, low, high in (("--batch-size", args.batch_size, 1, None),
+                                   ("--kid-subsets", args.kid_subsets, 1, MAX_KID_SUBSETS),
+                                   ("--kid-subset-size", args.kid_subset_size, 2, None),
+                                   ("--num-classes", args.num_classes, 1, None),
+                                   ("--classifier-epochs", args.classifier_epochs, 1, MAX_EPOCHS),
+                                   ("--fid-samples", args.fid_samples, 2, None),
+                                   ("--real-samples", args.real_samples, 2, None),
+                                   ("--seed", args.seed, 0, 2**32 - 1)):
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            bound = f"lie in [{low}, {high}]" if high is not None else f"be >= {low}"
+            raise UserError(f"{flag} must {bound}, got {value}")
+    from dpldm.utils.device import check_device_spec, resolve_device
+
+    check_device_spec(args.device)
+    if not args.no_fid:
+        resolve_device(args.device)  # a GPU that is not here: refused now, not after loading the data
+    if args.cache_dir is not None and not args.no_cache:
+        for anc in [Path(args.cache_dir).absolute(), *Path(args.cache_dir).absolute().parents]:
+            if anc.exists() and not anc.is_dir():
+                raise UserError(f"--cache-dir {args.cache_dir}: cannot use it, {anc} is a file")
+    if args.json_out is not None:
+        check_json_out(args.json_out)
+
+
+def check_json_out(path: str) -> None:
+    """--json names a file that can be written: not a folder, nothing but folders above it, and the
+    nearest existing folder writable (checked before the evaluation, which can take an hour)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--json {path}: is a folder; give a file name (e.g. {out / 'eval.json'})")
+    for anc in out.absolute().parents:
+        if anc.exists():
+            if not anc.is_dir():
+                raise UserError(f"--json {path}: cannot create it, {anc} is a file")
+            if not os.access(anc, os.W_OK | os.X_OK):
+                raise UserError(f"--json {path}: cannot write in {anc} (permission denied)")
+            break
+
+
+def write_json_result(path: str, result: dict) -> None:
+    """Write the result; if that still fails, print it (the evaluation is not lost) and refuse."""
+    from dpldm.utils.io import atomic_write_text
+
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        print(text, end="")
+        raise UserError(f"--json {path}: cannot write it ({e.strerror or e}); the result is printed above") from None
+    print(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -145,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
     from dpldm.eval.classifier import ClassifierConfig
     from dpldm.eval.evaluate import evaluate_synthetic
 
+    check_args(args)
     compute_fid = not args.no_fid
     if compute_fid and not args.real:
         raise UserError("--real (the real training split) is needed for FID/KID; or pass --no-fid")
@@ -161,9 +229,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--samples ({args.samples}): needs 'labels' for the downstream accuracy "
                             f"(or leave out --real-test)")
         real_test = (test_images, test_labels)
-    for flag, value in (("--fid-samples", args.fid_samples), ("--real-samples", args.real_samples)):
-        if value is not None and value < 2:
-            raise UserError(f"{flag} must be >= 2, got {value}")
     if args.full:
         if args.fid_samples is not None or args.real_samples is not None:
             raise UserError("--full uses all samples; drop --fid-samples/--real-samples")
@@ -193,10 +258,7 @@ def run(args: argparse.Namespace) -> int:
                    "full": bool(args.full)})
     print(summary_line(result))
     if args.json_out:
-        from dpldm.utils.io import atomic_write_text
-
-        atomic_write_text(args.json_out, json.dumps(result, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {args.json_out}")
+        write_json_result(args.json_out, result)
     return 0
 
 

@@ -89,6 +89,9 @@ def check_max_grad_norm(c: float) -> float:
 def check_noise_multiplier(sigma: float) -> float:
     if not _is_number(sigma) or not (sigma > 0) or math.isinf(sigma):
         raise PrivacyParameterError(f"noise multiplier sigma must be a finite number > 0, got {sigma!r}")
+    if sigma > MAX_SIGMA:  # Opacus' accountants overflow far above it; epsilon is ~0 well before
+        raise PrivacyParameterError(f"noise multiplier sigma must be <= {MAX_SIGMA:g} (the range of Opacus' "
+                                    f"accountants and of its noise calibration), got {sigma!r}")
     return float(sigma)
 
 
@@ -197,7 +200,12 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: 
              max_points: int | None, what: str | None = None) -> float:
     acc = new_accountant(accountant, max_points, what)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    try:
+        return float(acc.get_epsilon(delta=delta))
+    except (ZeroDivisionError, OverflowError) as e:  # sigma so small that sigma**2 underflows, ...
+        shown = ", ".join(f"sigma={s:g}, q={q:g}, {n} steps" for s, q, n in history)
+        raise PrivacyParameterError(f"{accountant.upper()} accountant cannot evaluate {shown}, delta={delta:g} "
+                                    f"(numerical {type(e).__name__}: {e}); use a larger noise multiplier") from None
 
 
 # -- one-shot functions ----------------------------------------------------------------------------

@@ -209,6 +209,8 @@ class AuditConfig:
             raise PrivacyParameterError(f"--canaries must be an integer >= 2, got {self.canaries!r}")
         if isinstance(self.real_examples, bool) or not isinstance(self.real_examples, int) or self.real_examples < 0:
             raise PrivacyParameterError(f"--real-examples must be an integer >= 0, got {self.real_examples!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise PrivacyParameterError(f"--seed must lie in [0, 2**63), got {self.seed!r}")
         if self.noise_multiplier is not None:
             check_noise_multiplier(self.noise_multiplier)
         elif self.epsilon is None:

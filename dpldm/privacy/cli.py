@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -52,9 +53,16 @@ class _Progress:
             print(f"dpldm privacy: {line}", file=sys.stderr, flush=True)
 
 
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from dpldm.errors import UserError
-    from dpldm.privacy.accountant import (PrivacyParameterError, _OPTIMAL_ORDER, calibrate_noise, check_delta,
+    from dpldm.privacy.accountant import (PRV_MAX_POINTS, PrivacyParameterError, _OPTIMAL_ORDER, calibrate_noise, check_delta,
                                           check_noise_multiplier, check_sample_rate, check_steps, compute_epsilon,
                                           prv_grid_points)
 
@@ -62,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--time-limit must be a finite number of seconds > 0, got {args.time_limit}")
     if args.max_grid_points < 2:
         raise UserError(f"--max-grid-points must be >= 2, got {args.max_grid_points}")
+    if args.max_grid_points != PRV_MAX_POINTS:  # a raised limit must fit in memory (~180 bytes per point)
+        avail = _available_memory()
+        if avail is not None and args.max_grid_points * 180 > avail:
+            raise UserError(f"--max-grid-points {args.max_grid_points}: a PRV grid that large needs up to "
+                            f"{args.max_grid_points * 180 / 2**30:.3g} GiB, more than the {avail / 2**30:.3g} GiB "
+                            "available here")
     if args.num_examples is not None and args.num_examples < 1:
         raise PrivacyParameterError(f"--num-examples must be >= 1, got {args.num_examples}")
     check_delta(args.delta, args.num_examples)
@@ -76,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             sigma = check_noise_multiplier(args.noise_multiplier)
         if args.accountant == "prv":
-            points = prv_grid_points([(sigma, args.sample_rate, args.steps)], args.delta)
+            try:
+                points = prv_grid_points([(sigma, args.sample_rate, args.steps)], args.delta)
+            except (ZeroDivisionError, OverflowError) as e:
+                raise PrivacyParameterError(
+                    f"PRV accountant cannot size its grid for sigma={sigma:g}, q={args.sample_rate:g}, {args.steps} "
+                    f"steps, delta={args.delta:g} (numerical {type(e).__name__}); use a larger noise multiplier "
+                    "or --accountant rdp") from None
             if LONG_GRID_POINTS < points <= args.max_grid_points:
                 progress(f"PRV accounting on a grid of {points:.3g} points (about {points * 0.7e-6:.0f} s, "
                          f"{points * 180 / 2**30:.2g} GiB)...", force=True)

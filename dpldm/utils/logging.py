@@ -40,12 +40,42 @@ TIMING_KEYS = ("steps_per_s", "expected_examples_per_s", "examples_per_s", "wall
 PRIVATE_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"  # no rate, elapsed time or ETA
 
 
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+
+
+def check_wandb_environment() -> None:
+    """Refuse, before the run starts, a WANDB_MODE that cannot work here: an unknown mode, or an
+    online mode with no W&B credentials (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE or the ~/.netrc
+    entry `wandb login` writes). Refused rather than silently switched to offline: the user asked
+    for online logging and would otherwise find no run on the server after hours of training."""
+    from dpldm.errors import UserError
+
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode and mode not in WANDB_MODES:
+        raise UserError(f"WANDB_MODE={os.environ['WANDB_MODE']!r}: expected one of {', '.join(WANDB_MODES)}")
+    if mode not in ("online", "run", "shared"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+
+        if read_netrc_auth(host=os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"):
+            return
+    except Exception:  # noqa: BLE001 - an unreadable netrc is "no key"; wandb would fail the same way
+        pass
+    raise UserError(f"WANDB_MODE={mode} but no W&B API key is set (WANDB_API_KEY, or run wandb login): set one, "
+                    "or use WANDB_MODE=offline (the default: a local run in the run folder) or --no-wandb")
+
+
 class RunLogger:
     def __init__(self, run_dir: str | Path, cfg: RunConfig, *, use_wandb: bool, total_steps: int,
                  initial_step: int = 0, job: str = "run", resume: bool = False, private: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.private = bool(private)
         self._held: list[tuple[int, dict[str, Any]]] = []  # private: wandb rows sent at close()
+        if use_wandb:
+            check_wandb_environment()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = save_resolved(cfg, self.run_dir)
         self.info(f"[{job}] resolved config ({path}):\n{cfg.to_json()}")
