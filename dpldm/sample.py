@@ -132,21 +132,6 @@ def check_out(args: argparse.Namespace) -> Path:
     return out
 
 
-def check_model(ldm, where: str, use_ema: bool = True) -> None:
-    """Refuse a model that can only sample NaN/black images: a latent scale factor that is not a
-    finite number > 0, or NaN/inf weights in the autoencoder or the sampling UNet."""
-    sf = ldm.scale_factor
-    if not (isinstance(sf, (int, float)) and math.isfinite(sf) and sf > 0):
-        raise UserError(f"{where}: latent scale_factor must be a finite number > 0, got {sf!r} "
-                        "(decoding divides the latents by it)")
-    for prefix, module in (("ae", ldm.ae), ("ema" if use_ema else "unet", ldm.sampling_unet(use_ema))):
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise UserError(f"{where}: weight {prefix}.{name} has {bad} NaN/inf value(s); "
-                                "the model cannot produce images")
-
-
 def check_sizes(n: int, nrow: int, image_shape: tuple[int, int, int], fmt: str, upscale: int) -> None:
     """Refuse, before sampling, outputs that cannot be held or written: more than MAX_SAMPLES
     samples, more memory than is available, a grid PNG larger than PIL reads (MAX_GRID_PIXELS)."""
@@ -262,7 +247,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ldm = load_ldm(args.checkpoint)
-    check_model(ldm, str(args.checkpoint), use_ema=not args.no_ema)
     d = ldm.cfg.diffusion
     num_classes = ldm.cfg.unet.num_classes
     classes = parse_classes(args.classes, num_classes) if args.classes is not None \

@@ -9,6 +9,7 @@ An autoencoder-only folder (`dpldm pretrain-ae`) has kind "autoencoder" and tens
 from __future__ import annotations
 
 import importlib.resources
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,9 @@ def load_ldm(folder: str | Path) -> LatentDiffusion:
     if _is_diffusers_folder(folder):
         from dpldm.interop.diffusers_folder import load_diffusers
 
-        return load_diffusers(folder)
+        ldm = load_diffusers(folder)
+        check_usable(ldm, str(folder))
+        return ldm
     tensors, meta = load_checkpoint(folder)
     if meta.get("kind") != "ldm":
         raise CheckpointError(f"{folder}: expected an LDM checkpoint (kind 'ldm'), got {meta.get('kind')!r}")
@@ -216,7 +219,23 @@ def load_ldm(folder: str | Path) -> LatentDiffusion:
     else:
         ldm.ema = EMA(ldm.unet, cfg.train.ema_decay)
     ldm.meta = meta
+    check_usable(ldm, str(folder))
     return ldm.eval()
+
+
+def check_usable(ldm: "LatentDiffusion", where: str) -> None:
+    """Refuse a model that can only produce NaN/black images (sampled, fine-tuned or exported): a
+    latent scale factor that is not a finite number > 0, or a NaN/inf tensor anywhere in it."""
+    sf = ldm.scale_factor
+    if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not math.isfinite(sf) or sf <= 0:
+        raise CheckpointError(f"{where}: latent scale_factor must be a finite number > 0, got {sf!r} "
+                              "(decoding divides the latents by it)")
+    for prefix, module in (("ae", ldm.ae), ("unet", ldm.unet), ("ema", ldm.ema.module)):
+        for name, t in module.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise CheckpointError(f"{where}: weight {prefix}.{name} has {bad} NaN/inf value(s); "
+                                      "the model cannot produce images")
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: Path, what: str) -> None:
