@@ -488,7 +488,7 @@ def test_nonfinite_raise_by_default_and_drop_option(where):
     model, x, loss_fn = _nan_case(where)
     x[2, 0] = 200.0 if where == "loss" else 100.0  # example 2 is bad
     C = 0.5
-    with pytest.raises(NonFiniteGradientError, match="1 of 5"):
+    with pytest.raises(NonFiniteGradientError, match="per-example (losses|gradients) are NaN/inf"):
         clipped_gradient_sum(model, loss_fn, (x,), C)
     for p in model.parameters():
         assert p.grad is None

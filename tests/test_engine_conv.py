@@ -168,7 +168,7 @@ def test_conv_nonfinite_drop_and_rows():
     x = torch.randn(4, 3, 5, 5, dtype=DT)
     x[1, 0, 2, 2] = float("nan")  # example 1's input (and so its loss and gradient) is NaN
     loss_fn = _k_loss(2, torch.randn(2, 3, 5, 5, dtype=DT))
-    with pytest.raises(NonFiniteGradientError, match="1 of 4"):
+    with pytest.raises(NonFiniteGradientError, match="per-example (losses|gradients) are NaN/inf"):
         clipped_gradient_sum(model, loss_fn, (x,), 0.5)
     got = clipped_gradient_sum(model, loss_fn, (x,), 0.5, nonfinite="drop")
     good = torch.tensor([0, 2, 3])

@@ -23,7 +23,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from dpldm.config import load_config
 from dpldm.errors import InputError, RunFolderError
 from dpldm.privacy.engine import BookKeepingEngine, UnsupportedLayerError
 from dpldm.train.dp_finetune import FinetuneOptions, Trainer, load_init, resume_hint, train
-from dpldm.utils.logging import METRICS, TIMING_KEYS, RunLogger, read_metrics
+from dpldm.utils.logging import TIMING_KEYS, RunLogger, read_metrics
 from tiny_ldm import TINY, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

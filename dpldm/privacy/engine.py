@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dpldm.errors import InputError
 from dpldm.privacy.groups import LinearGroup, group_shared_inputs
 from dpldm.privacy.layers import LayerRule, RowMismatchError, UnsupportedLayerError, rule_for
 
@@ -52,8 +53,10 @@ CLIP_EPS = 1e-6  # c_i = min(1, C / (||g_i|| + 1e-6)), as Opacus
 PerExampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-class NonFiniteGradientError(FloatingPointError):
-    """A per-example loss or gradient is NaN/inf and the engine's rule is "raise"."""
+class NonFiniteGradientError(InputError, FloatingPointError):
+    """A per-example loss or gradient is NaN/inf and the engine's rule is "raise": one line, exit 2
+    (a diverging lr, bad data or a broken model). The message names the step, never how many
+    examples of the chunk were affected nor the chunk's size (both private counts)."""
 
 
 @dataclass
@@ -306,8 +309,8 @@ class BookKeepingEngine:
             n_bad = int((~finite).sum())
             if n_bad and self.nonfinite == "raise":
                 raise NonFiniteGradientError(
-                    f"{n_bad} of {B} per-example losses are NaN/inf{at}; refusing to build an update from them "
-                    "(fix the data/model, or construct the engine with nonfinite='drop' to drop such examples)")
+                    f"per-example losses are NaN/inf{at}; refusing to build an update from them (fix the data, "
+                    "the model or a diverging lr, or construct the engine with nonfinite='drop' to drop such examples)")
             if n_bad:
                 loss = torch.where(finite, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
             if not loss.requires_grad:  # no trainable layer reached the loss: all gradients are 0
@@ -357,7 +360,7 @@ class BookKeepingEngine:
         if n_drop and self.nonfinite == "raise":
             self._reset()
             raise NonFiniteGradientError(
-                f"{n_drop} of {B} per-example gradients are NaN/inf although their losses are finite{at}; "
+                f"per-example gradients are NaN/inf although their losses are finite{at}; "
                 "refusing to build an update from them (or use nonfinite='drop')")
         norms = torch.where(keep, sq, torch.zeros((), dtype=sq.dtype, device=sq.device)).sqrt()  # (B,)
         coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
