@@ -86,6 +86,8 @@ class LatentDiffusion(nn.Module):
 
 def _model_folder(folder: str | Path) -> Path:
     """Accept a model folder or a run folder that has one in `model/`."""
+    if not str(folder).strip():
+        raise CheckpointError("empty path given for a model folder (name a model folder or a run folder with model/)")
     folder = Path(folder)
     if not (folder / "meta.json").is_file() and (folder / "model" / "meta.json").is_file():
         return folder / "model"

@@ -63,9 +63,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
+MAX_SYNTHETIC_LATENTS = 1_000_000  # smoke runs: random latents held in memory
+
+
 def options_from_args(args: argparse.Namespace, cfg: RunConfig, **extra) -> FinetuneOptions:
     if args.synthetic_latents is not None and args.synthetic_latents < 1:
         raise UserError(f"--synthetic-latents must be >= 1 (it replaces the private data), got {args.synthetic_latents}")
+    if args.synthetic_latents is not None and args.synthetic_latents > MAX_SYNTHETIC_LATENTS:
+        raise UserError(f"--synthetic-latents {args.synthetic_latents:,}: at most {MAX_SYNTHETIC_LATENTS:,} (a smoke run "
+                        "holds them all in memory)")
+    if args.init is not None and not str(args.init).strip():
+        raise UserError("--init: empty path (name a public model folder, a run folder with model/, or 'public')")
     return FinetuneOptions(out=Path(cfg.train.out_dir), init=args.init, synthetic_latents=args.synthetic_latents or 0,
                            random_init=args.random_init, **extra)
 
