@@ -122,6 +122,10 @@ def check_out(args: argparse.Namespace) -> Path:
     if args.format == "png-dir":
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: is a file, but --format png-dir writes a folder")
+        from dpldm.utils.io import check_output_dir, model_inputs
+
+        # before sampling: --overwrite replaces only a png-samples folder dpldm wrote, never an input
+        check_output_dir(out, "png-samples", overwrite=args.overwrite, inputs=model_inputs(args.checkpoint))
     else:
         if out.is_dir():
             raise UserError(f"--out {out}: is a folder, but --format {args.format} writes a file")

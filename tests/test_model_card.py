@@ -125,3 +125,27 @@ def test_a_readme_that_is_not_a_dpldm_card_is_never_replaced(tmp_path):
     save_ldm(tmp_path / "n", LatentDiffusion(load_config(None, TINY)))
     save_ldm(tmp_path / "n", LatentDiffusion(load_config(None, TINY)), {"public": "glyphs"})  # its own card: renewed
     assert "on the public data `glyphs`" in (tmp_path / "n" / "README.md").read_text()
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_consolidate_writes_only_a_new_or_empty_folder(runs, tmp_path):
+    """`launch/train.py --consolidate RUN --out DIR`: the user's folder, the run's released model
+    (the default RUN/model) and the run folder itself are refused, byte for byte unchanged."""
+    from dpldm.errors import InputError
+
+    _, _, out = runs
+    run = out["private"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own file")
+    for dest, needle in ((mine, "already exists"), (run / "model", "already exists"), (run, "is the input")):
+        before = _tree(dest)
+        with pytest.raises(InputError, match=needle):
+            release_from_checkpoint(run, dest)
+        assert _tree(dest) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (release_from_checkpoint(run, empty) / "meta.json").is_file()

@@ -599,6 +599,7 @@ def release_from_checkpoint(checkpoint: str | Path, out: str | Path, init: str |
     from dpldm.models.ldm import load_ldm, save_ldm
     from dpldm.privacy import PrivacyLedger
     from dpldm.train.dp_state import KIND, privacy_report
+    from dpldm.utils.io import atomic_dir, check_output_dir
 
     p = Path(checkpoint)
     if not (p / "meta.json").is_file():
@@ -606,6 +607,7 @@ def release_from_checkpoint(checkpoint: str | Path, out: str | Path, init: str |
         if not steps:
             raise CheckpointError(f"{p}: neither a checkpoint folder nor a run folder with checkpoints/step_*")
         p = steps[-1]
+    check_output_dir(out, "dpldm-model", overwrite=False, inputs=[("--consolidate", Path(checkpoint)), ("--consolidate", p)])
     tensors, meta = load_checkpoint(p)
     if meta.get("kind") != KIND:
         raise CheckpointError(f"{p}: kind {meta.get('kind')!r} is not a DP fine-tuning checkpoint")
@@ -628,10 +630,14 @@ def release_from_checkpoint(checkpoint: str | Path, out: str | Path, init: str |
     trainable = sum(tensors[f"train.{n}"].numel() for n in meta["trainable"])
     report = privacy_report(ledger, cfg.privacy, private=not cfg.train.not_private, trainable=trainable, total=total,
                             finetune=cfg.train.finetune)
-    return save_ldm(out, ldm.eval(), {"privacy": report, "finetuned_from": meta["init"]["folder"],
-                                      "private_data": meta["data"]["description"],
-                                      "released_from": {"checkpoint": str(p), "step": meta["step"],
-                                                        "weights": "ema" if prefix == "ema" else "last iterate"}})
+    extra = {"privacy": report, "finetuned_from": meta["init"]["folder"], "private_data": meta["data"]["description"],
+             "released_from": {"checkpoint": str(p), "step": meta["step"],
+                               "weights": "ema" if prefix == "ema" else "last iterate"}}
+    # a new or empty folder only (never the user's files, never the checkpoint or run folder read)
+    with atomic_dir(out, overwrite=False, kind="dpldm-model", inputs=[("--consolidate", Path(checkpoint)), ("--consolidate", p)],
+                    flag="--out") as tmp:
+        save_ldm(tmp, ldm.eval(), extra)
+    return Path(out)
 
 
 __all__ = ["FinetuneOptions", "Trainer", "train", "print_result", "release_from_checkpoint", "check_privacy_settings",
