@@ -46,6 +46,7 @@ CONTROLLED = ("data.private", "privacy.epsilon", "privacy.sample_rate", "privacy
               "train.wandb", "train.threads", "train.sample_every", "train.checkpoint_every")
 # read only when sampling: candidates that differ only here share one fine-tuned model
 SAMPLING_KEYS = ("diffusion.guidance_scale", "diffusion.eta", "diffusion.sample_steps", "diffusion.sampler")
+BASELINE = "public model, no fine-tuning (reference)"
 TABLE_HEADER = "| candidate | class fidelity (judge): mean | worst class | downstream acc. (proxy test) | score |"
 
 
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke run ([quick] of the proxy config)")
     p.add_argument("--out", default=str(ROOT / "runs" / "tune_public"))
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--baseline", action="store_true",
+                   help="also score the public init model without fine-tuning (a reference row, never chosen)")
     return p.parse_args(argv)
 
 
@@ -206,9 +209,10 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=.-" else "_" for c in name.replace(", ", "__"))
 
 
-def table(cands: list[Candidate], chosen: int) -> str:
+def table(cands: list[Candidate], chosen: int, baseline: Candidate | None = None) -> str:
+    """The markdown table: one row per candidate (the chosen one marked), then the baseline (never chosen)."""
     lines = [TABLE_HEADER, "| --- | ---: | ---: | ---: | ---: |"]
-    for i, c in enumerate(cands):
+    for i, c in enumerate(cands + ([baseline] if baseline else [])):
         r = c.result
         worst = min(range(len(r["fidelity_per_class"])), key=lambda k: r["fidelity_per_class"][k])
         mark = " **(chosen)**" if i == chosen else ""
@@ -308,9 +312,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"[tune] candidate {cand.name}: class fidelity {100 * r['fidelity']:.1f}%, downstream "
               f"{100 * r['downstream_accuracy']:.1f}%, score {r['score']:.6f}", flush=True)
 
+    baseline = None
+    if args.baseline:  # the public model as it is: what the DP fine-tuning must improve on
+        from dpldm.models.ldm import load_ldm, public_model_path
+
+        baseline = Candidate(BASELINE, [], cfg=load_config(args.recipe, sets + proxy_overrides(
+            npz, epsilon, steps, out / "finetune" / "baseline", proxy.seed, args.threads)))
+        init = baseline.cfg.train.init_checkpoint or public_model_path()
+        baseline.result = {"init": str(init), **score_candidate(load_ldm(init), baseline, judge, splits, proxy, out)}
+
     scores = [c.result["score"] for c in cands]
     chosen = choose(scores)
-    print("\n" + table(cands, chosen))
+    print("\n" + table(cands, chosen, baseline))
     print(f"\nchosen: {cands[chosen].name} (score {scores[chosen]:.6f}; score = {proxy.score})")
     report = {
         "command": " ".join(["python bench/tune_public.py", *args.argv]),
@@ -321,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         "judge": {"trained_on": f"{len(splits.heldout_y)} held-out sklearn digits (public)",
                   "accuracy_on_stand_in": round(judge_acc, 6), "per_class": [round(p, 6) for p in judge_per_class]},
         "candidates": [{"name": c.name, "overrides": c.overrides, **c.result} for c in cands],
+        "baseline": {"name": baseline.name, **baseline.result} if baseline else None,
         "chosen": {"index": chosen, "name": cands[chosen].name, "overrides": cands[chosen].overrides,
                    "score": scores[chosen]},
         "seconds": round(time.time() - t_start, 1),

