@@ -5,7 +5,7 @@ Each candidate (the recipe, default configs/demo.toml, plus --set overrides, plu
 handwritten digits, upsampled; dpldm.eval.proxy) at the target epsilon, with N, q and steps chosen
 so that sigma and q*N equal the recipe's; its samples are scored by a judge trained only on public
 digits (class fidelity) and by a CNN trained on the samples and tested on the proxy's held-out
-split (downstream accuracy). The candidate with the highest score (configs/proxy_digits.toml:
+split (downstream accuracy). The candidate with the highest score (configs/proxy/digits.toml:
 score; ties: the first in grid order) is chosen. Candidates that differ only in sampling settings
 (guidance, eta, sampler, sample steps) share one fine-tuned model.
 
@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(ROOT / "configs" / "demo.toml"), help="the recipe being tuned (read only)")
-    p.add_argument("--proxy", default=str(ROOT / "configs" / "proxy_digits.toml"), help="the proxy task's settings")
+    p.add_argument("--proxy", default=str(ROOT / "configs" / "proxy" / "digits.toml"), help="the proxy task's settings")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="fixed recipe override")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="a recipe key and its candidate values (repeat: the cartesian product is swept)")

@@ -35,7 +35,7 @@ class Row:
     files: dict[str, str] | None = None  # files the row prepares in <case>
 
 
-GOOD_PROXY = (REPO / "configs" / "proxy_digits.toml").read_text()
+GOOD_PROXY = (REPO / "configs" / "proxy" / "digits.toml").read_text()
 ROWS = [
     Row("tune-grid-no-equals", ["--grid", "diffusion.guidance_scale"],
         "--grid 'diffusion.guidance_scale': expected section.key=v1,v2,..."),

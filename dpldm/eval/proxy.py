@@ -37,12 +37,12 @@ SCORES = ("mean", "fidelity", "downstream")
 
 
 class ProxyConfigError(InputError, ValueError):
-    """A bad value in the proxy recipe (configs/proxy_digits.toml) or its [quick] table."""
+    """A bad value in the proxy recipe (configs/proxy/digits.toml) or its [quick] table."""
 
 
 @dataclass
 class ProxyConfig:
-    """The `[proxy]` table of configs/proxy_digits.toml (see that file for what each value is)."""
+    """The `[proxy]` table of configs/proxy/digits.toml (see that file for what each value is)."""
 
     digit_size: int = 24  # the 8x8 digit is upsampled to digit_size x digit_size, centred in 32x32
     holdout_fraction: float = 0.5  # held out of the stand-in private set: judge training + proxy test
