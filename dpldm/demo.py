@@ -24,6 +24,7 @@ import torch
 from dpldm.config import RunConfig, load_config
 from dpldm.utils.device import add_device_argument
 from dpldm.utils.io import atomic_write_text
+from dpldm.errors import UserError
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 
@@ -68,6 +69,19 @@ def check_total_samples(per_class: int, num_classes: int) -> None:
 
 
 @torch.no_grad()
+def check_reusable(cfg: RunConfig, ldm, model_dir: Path) -> None:
+    """A model fine-tuned earlier in --out is reused only if the recipe's training settings are
+    the ones it was trained with (sampling settings may differ: they apply at sampling)."""
+    from dpldm.train.dp_state import FREE_TO_CHANGE
+
+    now, then = cfg.to_dict(), RunConfig.from_dict(ldm.meta["config"], f"{model_dir}/meta.json").to_dict()
+    diffs = [f"{sec}.{k}: model {then[sec].get(k)!r} != recipe {v!r}" for sec, values in now.items()
+             for k, v in values.items() if then[sec].get(k) != v and k not in FREE_TO_CHANGE.get(sec, set())]
+    if diffs:
+        raise UserError(f"{model_dir} was fine-tuned with other settings ({'; '.join(diffs)}): delete "
+                        f"{model_dir.parent} to fine-tune again with this recipe, or pick another --out")
+
+
 def sample_per_class(ldm, num_classes: int, per_class: int, *, batch: int = 250, seed: int = 0,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (num_classes*per_class, H, W[, C]) and labels, sampled with the EMA weights."""
@@ -144,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
     if (model_dir / "meta.json").is_file() and not args.resume:
         print(f"[demo] reusing the fine-tuned model in {model_dir} (delete it to fine-tune again)")
         ldm = load_ldm(model_dir)
+        check_reusable(cfg, ldm, model_dir)
+        ldm.cfg = cfg  # sampling settings (guidance, eta, steps) come from the recipe being run
         privacy = ldm.meta["privacy"]
         trained = ldm.meta.get("trained", {})
     else:

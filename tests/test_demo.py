@@ -30,3 +30,19 @@ def test_demo_writes_full_report(tmp_path):
     assert 0.0 <= report["accuracy"] <= 1.0 and report["n_synthetic"] == 40
     assert (out / "samples_per_class.png").stat().st_size > 0
     assert "downstream accuracy" in (out / "report.md").read_text()
+
+
+def test_demo_reuses_a_model_only_for_the_same_training_settings(tmp_path, capsys):
+    """A second `dpldm demo` on the same --out reuses the fine-tuned model; with other training
+    settings (here K) it refuses before any work instead of sampling the stale model."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--no-wandb", "--set", "privacy.steps=1", "--set", "train.threads=1",
+            "--set", "privacy.expected_batch_size=100", "--set", "privacy.physical_batch_size=100",
+            "--samples-per-class", "2", "--no-fid"]
+    assert main(args) == 0
+    before = (out / "finetune" / "model" / "meta.json").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--set", "diffusion.timesteps_per_example=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was fine-tuned with other settings (diffusion.timesteps_per_example: model 4 != recipe 2)" in err[0]
+    assert (out / "finetune" / "model" / "meta.json").read_bytes() == before
