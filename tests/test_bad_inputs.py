@@ -7,15 +7,11 @@ the interpreter would print as a traceback with exit code 1, and is treated as s
 can carry `xfail=<reason>` (strict: it fails as XPASS once fixed, so the marker gets removed)."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import os
 import re
 import shutil
 import subprocess
 import sys
-import traceback
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +27,7 @@ from dpldm.config import load_config
 from dpldm.data.codec import encode_payload, sample_key
 from dpldm.data.testing import plant_shard
 from dpldm.models.ldm import LatentDiffusion, save_ldm
+from cli_harness import run_in_process, tree_hash
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = [
@@ -381,19 +378,7 @@ ROWS = [
 # -- running a row ---------------------------------------------------------------------------------------
 
 def _in_process(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    except Exception:  # noqa: BLE001 - what the interpreter would do with it
-        err.write(traceback.format_exc())
-        code = 1
-    finally:
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
+    return run_in_process(main, argv)
 
 
 def _subprocess(argv: list[str]) -> tuple[int, str, str]:
@@ -401,15 +386,6 @@ def _subprocess(argv: list[str]) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "dpldm", *argv], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     return p.returncode, p.stdout, p.stderr
-
-
-def _tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +398,7 @@ def env(tmp_path_factory):
 def test_bad_input(row: Row, env: Env):
     out = env.fresh(f"out_{row.id}")
     argv = row.argv(env, out)
-    before = _tree_hash(out) if out.exists() else None
+    before = tree_hash(out) if out.exists() else None
     code, stdout, stderr = (_subprocess if row.via == "subprocess" else _in_process)(argv)
     assert code != 0, f"exit code 0 for bad input; stdout tail: {stdout[-500:]}"
     assert "Traceback" not in stderr, stderr[-2000:]
@@ -436,7 +412,7 @@ def test_bad_input(row: Row, env: Env):
     assert code == 2, code
     # no partial output
     if before is not None:  # a run folder prepared by the row: nothing already written is lost or changed
-        assert _tree_hash(out) == before
+        assert tree_hash(out) == before
         assert not (out / "model").exists()
     elif row.clean == "absent":
         assert not out.exists(), sorted(p.name for p in out.rglob("*"))

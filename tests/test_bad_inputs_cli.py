@@ -6,7 +6,6 @@ created, an existing one is left byte-for-byte unchanged, and no temporary is le
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import re
@@ -22,6 +21,7 @@ import pytest
 import dpldm.cli
 from dpldm.cli import main
 from tiny_ldm import EXPORTABLE, TINY, save_tiny
+from cli_harness import tree_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Sampling, privacy and export (issue 13)"
@@ -177,15 +177,6 @@ ROWS = [
 ]
 
 
-def _tree(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted([path, *path.rglob("*")] if path.is_dir() else [path]):
-        h.update(str(p.relative_to(path.parent)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return Env(tmp_path_factory.mktemp("bad_inputs_cli"))
@@ -209,7 +200,7 @@ def test_bad_input(row: Row, env: Env, tmp_path: Path, with_export):
         out.mkdir()
         (out / "mine.txt").write_text("keep")
     argv = row.argv(env, out)
-    before = {p.name: _tree(p) for p in out_dir.iterdir()}
+    before = {p.name: tree_hash(p) for p in out_dir.iterdir()}
     err = io.StringIO()
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -226,7 +217,7 @@ def test_bad_input(row: Row, env: Env, tmp_path: Path, with_export):
     assert len(errors) == 1 and errors[0] == lines[-1], lines  # ONE error line, last
     assert re.match(rf"dpldm {argv[0]}: error: ", errors[0]), errors[0]
     assert row.needle in errors[0], errors[0]
-    assert {p.name: _tree(p) for p in out_dir.iterdir()} == before  # nothing created, changed or left behind
+    assert {p.name: tree_hash(p) for p in out_dir.iterdir()} == before  # nothing created, changed or left behind
 
 
 def test_every_row_is_documented():

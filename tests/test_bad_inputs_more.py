@@ -12,13 +12,9 @@ hashes the same before and after; rows whose error comes after the trainer opene
 Shared artifacts (tiny models, a diffusers export, small .npz sets) are built once per module."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import re
 import shutil
-import traceback
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +28,7 @@ from dpldm.checkpoint import list_step_checkpoints
 from dpldm.cli import main
 from test_bad_inputs import Env, ft
 from tiny_ldm import EXPORTABLE, TINY, make_ldm, save_tiny
+from cli_harness import run_in_process, tree_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Every flag and config key (issue 17)"
@@ -491,31 +488,6 @@ ROWS = [
 
 # -- running a row ---------------------------------------------------------------------------------------
 
-def _tree(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted([path, *path.rglob("*")] if path.is_dir() else [path]):
-        h.update(str(p.relative_to(path.parent)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def run_main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    except Exception:  # noqa: BLE001 - what the interpreter would print
-        err.write(traceback.format_exc())
-        code = 1
-    finally:
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return MoreEnv(tmp_path_factory.mktemp("bad_inputs_more"))
@@ -535,8 +507,8 @@ def test_bad_input(row: Row, env: MoreEnv, tmp_path: Path, monkeypatch):
         monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))  # no `wandb login` key either
         monkeypatch.setenv("HOME", str(tmp_path))
     argv = row.argv(env, out)
-    before = {p.name: _tree(p) for p in case.iterdir()}
-    code, _stdout, stderr = run_main(argv)
+    before = {p.name: tree_hash(p) for p in case.iterdir()}
+    code, _stdout, stderr = run_in_process(main, argv)
     assert "Traceback" not in stderr, stderr[-3000:]
     assert code == 2, (code, stderr[-2000:])
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
@@ -544,7 +516,7 @@ def test_bad_input(row: Row, env: MoreEnv, tmp_path: Path, monkeypatch):
     assert len(errors) == 1 and errors[0] == lines[-1], lines[-5:]  # ONE error line, last
     assert re.match(r"dpldm[\w -]*: error: ", errors[0]), errors[0]
     assert row.needle in errors[0], errors[0]
-    after = {p.name: _tree(p) for p in case.iterdir()}
+    after = {p.name: tree_hash(p) for p in case.iterdir()}
     if row.clean == "no-run-output":
         if out.exists():
             assert not (out / "model").exists() and not list_step_checkpoints(out)
@@ -585,7 +557,7 @@ def test_evaluate_prints_the_result_when_the_json_write_fails(env: MoreEnv, tmp_
 
     monkeypatch.setattr(dpldm.utils.io, "atomic_write_text", full)
     target = tmp_path / "r.json"
-    code, stdout, stderr = run_main(ev(env, "--classifier-epochs", "1", "--json", str(target)))
+    code, stdout, stderr = run_in_process(main, ev(env, "--classifier-epochs", "1", "--json", str(target)))
     assert code == 2 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (f"dpldm evaluate: error: --json {target}: cannot write it (No space "
                                                "left on device); the result is printed above")
@@ -599,7 +571,7 @@ def test_guidance_that_stays_finite_still_samples(env: MoreEnv, tmp_path: Path):
     """The NaN refusal is no blanket refusal of large guidance: 1e3 on the tiny model is finite, so
     it is written (exit 0) and its pixels are valid uint8."""
     out = tmp_path / "s.npz"
-    code, _, stderr = run_main(smp(env, out, "--guidance", "1e3", "--steps", "2", "--format", "npz", suffix=".npz"))
+    code, _, stderr = run_in_process(main, smp(env, out, "--guidance", "1e3", "--steps", "2", "--format", "npz", suffix=".npz"))
     assert code == 0, stderr[-2000:]
     with np.load(out) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape == (24, 16, 16)

@@ -12,12 +12,8 @@ Three kinds of rows, each must end in ONE line naming the problem and lose nothi
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
-import io
 import re
-import traceback
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +28,7 @@ from dpldm.cli import main
 from dpldm.errors import InputError
 from dpldm.privacy.engine import BookKeepingEngine
 from tiny_ldm import TINY, save_tiny
+from cli_harness import run_in_process, tree_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Privacy path refusals"
@@ -272,32 +269,6 @@ def _launch_main():
     return mod.main
 
 
-def _call(fn, argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = fn(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    except Exception:  # noqa: BLE001 - what the interpreter would print
-        err.write(traceback.format_exc())
-        code = 1
-    finally:
-        torch.set_num_threads(threads)
-    return code, err.getvalue()
-
-
-def _tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    items = [path] if path.is_file() else sorted(path.rglob("*"))
-    for p in items:
-        h.update(str(p.relative_to(path.parent)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return Env(tmp_path_factory.mktemp("bad_privacy"))
@@ -322,8 +293,8 @@ def test_bad_input(row: Row, env: Env, monkeypatch):
         return
     out = env.fresh(f"out_{row.id}")
     argv = row.argv(env, out)
-    before = _tree_hash(out) if out.exists() else None
-    code, stderr = _call(main if row.kind == "dpldm" else _launch_main(), argv)
+    before = tree_hash(out) if out.exists() else None
+    code, _, stderr = run_in_process(main if row.kind == "dpldm" else _launch_main(), argv)
     assert "Traceback" not in stderr, stderr[-2000:]
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith(("usage:", "  "))]
     prefix = r"dpldm[\w -]*: error: .*" if row.kind == "dpldm" else r"launch/train.py: error: .*"
@@ -334,7 +305,7 @@ def test_bad_input(row: Row, env: Env, monkeypatch):
     if before is None:
         assert not out.exists(), sorted(p.name for p in out.rglob("*"))
     else:
-        assert _tree_hash(out) == before
+        assert tree_hash(out) == before
 
 
 def test_every_row_is_documented():

@@ -7,13 +7,13 @@ the row's folder `<case>` hashes the same before and after (`--out` is not creat
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_harness import tree_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Public tuning tool (issue 16)"
@@ -88,15 +88,6 @@ ROWS = [
     Row("tune-batch-exceeds-proxy", ["--quick", "--set", "privacy.expected_batch_size=100"],
         "privacy.expected_batch_size=100 exceeds the proxy's N=64 (proxy.num_examples)"),
 ]
-
-
-def tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])

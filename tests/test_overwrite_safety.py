@@ -11,14 +11,11 @@ temporary left behind. The positive cases: a folder the same command wrote befor
 atomically (a failure midway leaves the old one whole)."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,21 +25,15 @@ import pytest
 from dpldm.cli import main
 from dpldm.utils.io import MARKER, read_marker
 from tiny_ldm import EXPORTABLE, save_tiny
+from cli_harness import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Output folders and --overwrite"
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    except Exception:  # noqa: BLE001 - what the interpreter would print
-        code, _ = 1, err.write(traceback.format_exc())
-    return code, err.getvalue()
+    code, _, err = run_in_process(main, argv)
+    return code, err
 
 
 def tree(root: Path) -> dict[str, str]:
