@@ -29,6 +29,7 @@ from dpldm.errors import InputError
 from dpldm.privacy.engine import BookKeepingEngine
 from tiny_ldm import TINY, save_tiny
 from cli_harness import run_in_process, tree_hash
+from test_privacy_path import _Counter, _Noisy, _Renorm  # modules that change state or draw in forward
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Privacy path refusals"
@@ -96,32 +97,6 @@ class _Bag(nn.Module):
 
     def forward(self, idx):  # (B, 2) -> (B, 4)
         return self.lin(self.bag(idx))
-
-
-class _Counter(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("seen", torch.zeros(()))
-
-    def forward(self, x):
-        self.seen += x.shape[0]
-        return x
-
-
-class _Renorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(4), requires_grad=False)
-
-    def forward(self, x):
-        with torch.no_grad():
-            self.weight.mul_(1.0 / (1.0 + x.abs().mean()))
-        return x * self.weight
-
-
-class _Noisy(nn.Module):
-    def forward(self, x):
-        return x + 0.01 * torch.randn_like(x)
 
 
 def _loss(model, x):
