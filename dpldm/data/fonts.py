@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dpldm.data.errors import SourceError
-from dpldm.data.glyphs import CLASSES
+from dpldm.data.glyphs import CLASSES, fit_canvas
 
 # Latin Hershey fonts with digits and capitals '0'-'9', 'A'-'Z' (the package's names). Left out:
 # greek*/cyril*/japanese (other scripts at ASCII codes), gothic* (blackletter capitals that read as
@@ -200,20 +200,6 @@ def hershey_canvases(name: str) -> tuple[dict[str, list[np.ndarray]], FontReport
     return out, report
 
 
-def fit_canvas(canvas: np.ndarray, res: int) -> np.ndarray:
-    """Crop to the ink, fit (aspect kept) into a centred box of TEMPLATE_BOX * res: float32 (res, res)."""
-    from PIL import Image
-
-    img = Image.fromarray(canvas)
-    ink = img.crop(img.getbbox())
-    factor = TEMPLATE_BOX * res / max(ink.size)
-    w, h = max(1, round(ink.size[0] * factor)), max(1, round(ink.size[1] * factor))
-    ink = ink.resize((w, h), Image.Resampling.LANCZOS)
-    out = Image.new("L", (res, res), 0)
-    out.paste(ink, ((res - w) // 2, (res - h) // 2))
-    return np.asarray(out, dtype=np.float32) / 255.0
-
-
 @functools.lru_cache(maxsize=2)
 def templates(res: int) -> Templates:
     """All templates at canvas size `res` (cached): every usable (font, class[, pen])."""
@@ -230,7 +216,7 @@ def templates(res: int) -> Templates:
         used = []
         for char in report.used:
             label = CLASSES.index(char)
-            fitted = [fit_canvas(c, res) for c in canvases[char]]
+            fitted = [fit_canvas(c, res, TEMPLATE_BOX) for c in canvases[char]]
             if fitted[0].tobytes() in kept.setdefault(label, set()):
                 report.skipped[char] = "same template as an earlier font's"
                 continue

@@ -53,12 +53,19 @@ def _render_template(font_path: Path, char: str, res: int) -> np.ndarray:
     font = ImageFont.truetype(str(font_path), size=int(_RENDER_PX * 0.6))
     canvas = Image.new("L", (_RENDER_PX, _RENDER_PX), 0)
     ImageDraw.Draw(canvas).text((_RENDER_PX / 2, _RENDER_PX / 2), char, fill=255, font=font, anchor="mm")
-    bbox = canvas.getbbox()
-    if bbox is None:
+    if canvas.getbbox() is None:
         raise RuntimeError(f"glyphs: {font_path.name} rendered {char!r} as an empty image")
-    ink = canvas.crop(bbox)
-    box = res * 5 / 8
-    factor = box / max(ink.size)
+    return fit_canvas(np.asarray(canvas), res, box=5 / 8)
+
+
+def fit_canvas(canvas: np.ndarray, res: int, box: float) -> np.ndarray:
+    """Crop a uint8 canvas (H, W) to its ink and fit it (aspect kept) into a centred box of
+    `box` * res pixels: float32 (res, res) in [0, 1]. Used by glyphs and glyphs2 (dpldm.data.fonts)."""
+    from PIL import Image
+
+    img = Image.fromarray(canvas)
+    ink = img.crop(img.getbbox())
+    factor = box * res / max(ink.size)
     w, h = max(1, round(ink.size[0] * factor)), max(1, round(ink.size[1] * factor))
     ink = ink.resize((w, h), Image.Resampling.LANCZOS)
     out = Image.new("L", (res, res), 0)
