@@ -44,5 +44,7 @@ def test_demo_reuses_a_model_only_for_the_same_training_settings(tmp_path, capsy
     capsys.readouterr()
     assert main(args + ["--set", "diffusion.timesteps_per_example=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was fine-tuned with other settings (diffusion.timesteps_per_example: model 4 != recipe 2)" in err[0]
+    k = json.loads((out / "finetune" / "model" / "meta.json").read_text())["config"]["diffusion"]["timesteps_per_example"]
+    assert k != 2
+    assert len(err) == 1 and f"was fine-tuned with other settings (diffusion.timesteps_per_example: model {k} != recipe 2)" in err[0]
     assert (out / "finetune" / "model" / "meta.json").read_bytes() == before
