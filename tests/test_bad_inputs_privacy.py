@@ -29,7 +29,7 @@ from dpldm.errors import InputError
 from dpldm.privacy.engine import BookKeepingEngine
 from tiny_ldm import TINY, save_tiny
 from cli_harness import run_in_process, tree_hash
-from test_privacy_path import _Counter, _Noisy, _Renorm  # modules that change state or draw in forward
+from test_privacy_path import _Counter, _Head, _Noisy, _Renorm  # modules that change state or draw in forward
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Privacy path refusals"
@@ -66,17 +66,6 @@ class Env:
 
 
 # -- what the rows build ----------------------------------------------------------------------------------
-
-class _Head(nn.Module):
-    """A trainable Linear followed by `extra`: (B, 4) -> (B, 4)."""
-
-    def __init__(self, extra: nn.Module) -> None:
-        super().__init__()
-        self.lin, self.extra = nn.Linear(4, 4), extra
-
-    def forward(self, x):
-        return self.extra(self.lin(x))
-
 
 class _Attn(nn.Module):
     def __init__(self) -> None:
