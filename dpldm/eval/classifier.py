@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpldm.errors import UserError
+from dpldm.eval.augment import random_affine
 from dpldm.eval.runtime import ThreadTuner, restore_threads
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -41,6 +42,10 @@ class ClassifierConfig:
     channels: tuple[int, int] = (16, 32)
     hidden: int = 128
     dropout: float = 0.1
+    augment: bool = False  # random affine jitter of every training batch (dpldm.eval.augment), fresh each epoch
+    max_rotation_deg: float = 10.0
+    max_scale: float = 0.1
+    max_shift_px: float = 2.0
     seed: int = 0
     device: str = "cpu"
 
@@ -55,6 +60,9 @@ class ClassifierConfig:
             raise UserError(f"patience must be >= 1, got {self.patience}")
         if self.lr <= 0:
             raise UserError(f"learning rate must be > 0, got {self.lr}")
+        if not (0 <= self.max_rotation_deg <= 180 and 0 <= self.max_scale < 1 and self.max_shift_px >= 0):
+            raise UserError(f"classifier augmentation: need 0 <= max_rotation_deg <= 180, 0 <= max_scale < 1 and "
+                            f"max_shift_px >= 0, got {self.max_rotation_deg}, {self.max_scale}, {self.max_shift_px}")
 
 
 class SmallCNN(nn.Module):
@@ -222,6 +230,7 @@ def train_and_select(synthetic_images: ArrayLike, synthetic_labels: ArrayLike, *
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     x_tr, y_tr, x_va, y_va = x[tr], y[tr], x[va], y[va]
     gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: the batch order does not depend on it
     best_acc, best_epoch, best_state, since_best = -1.0, 0, None, 0
     history = []
     t0 = time.perf_counter()
@@ -233,7 +242,10 @@ def train_and_select(synthetic_images: ArrayLike, synthetic_labels: ArrayLike, *
         with restore_threads():
             for i in range(0, len(perm), cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
-                xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
+                xb, yb = x_tr[idx], y_tr[idx]  # (b, C, H, W), (b,)
+                if cfg.augment:
+                    xb = random_affine(xb, aug_gen, cfg.max_rotation_deg, cfg.max_scale, cfg.max_shift_px)
+                xb, yb = xb.to(device), yb.to(device)
                 with (tuner.unit(len(idx)) if tuner else contextlib.nullcontext()):
                     loss = F.cross_entropy(model(xb), yb)
                     opt.zero_grad(set_to_none=True)

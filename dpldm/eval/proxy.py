@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dpldm.errors import InputError
+from dpldm.eval.augment import random_affine
 
 NUM_CLASSES = 10
 CANVAS = 32  # the demo's image size (MNIST 28x28 padded to 32x32)
@@ -182,14 +183,7 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
 def jitter(x: torch.Tensor, g: torch.Generator, cfg: ProxyConfig) -> torch.Tensor:
     """Random affine jitter of (N, C, H, W) images in [-1, 1] (background -1): rotation, scale,
     shift drawn from `g` (three draws per image, in this order)."""
-    n, _, h, w = x.shape
-    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(cfg.max_rotation_deg)  # (N,)
-    s = 1 + (torch.rand(n, generator=g) * 2 - 1) * cfg.max_scale  # (N,)
-    t = (torch.rand(n, 2, generator=g) * 2 - 1) * cfg.max_shift_px * 2 / torch.tensor([w, h])  # (N, 2)
-    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)  # (N, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (N, H, W, 2)
-    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    return random_affine(x, g, cfg.max_rotation_deg, cfg.max_scale, cfg.max_shift_px)
 
 
 def standin_private_set(splits: ProxySplits, n: int, cfg: ProxyConfig) -> tuple[np.ndarray, np.ndarray]:
