@@ -1,79 +1,327 @@
-"""Privacy-utility results on the embedded task (glyphs -> MNIST digits), `make results`.
+"""Privacy-utility results on the embedded task (glyphs -> MNIST digits), `make results` (issue 16).
 
-For each epsilon (default 1 and 10), side by side:
-  dp-attention          DP fine-tuning of the attention modules + class embedder (DP-LDM, ours)
+Variants; every private one runs --repeats times (default 3) at each epsilon (default 1, 5, 10):
+  dp-attention          DP fine-tuning of every attention module + the class embedder (DP-LDM, ours)
+  dp-attention-decoder  the paper's attention-range ablation: the middle + decoder-side SpatialTransformers
+  dp-attention-last     ... only the last two decoder-side SpatialTransformers
   dp-full               DP fine-tuning of the whole UNet (the paper's comparison)
-  dp-classifier         a CNN trained directly on the private digits with DP-SGD (same epsilon):
-                        what a user who only needs a classifier would do
+  dp-classifier         a CNN trained directly on the private digits with DP-SGD at the same epsilon:
+                        shown BESIDE every generative row (and the margin ours - direct)
 and once, without privacy:
   public                the glyph-pretrained model, no fine-tuning (its '0'-'9' glyph classes)
   nonprivate-attention  attention fine-tuning without clipping or noise (the ceiling)
 
+The ablation's module numbers are computed from the model (`UNet.attention_modules()`, forward order,
+1-based), printed and stored per run. Repetition r is a fresh private run in its own folder
+(<out>/<variant>@eps=<e>@rep=<r>; noise, Poisson sampling and diffusion draws from the OS) whose
+samples and downstream CNN are seeded with r; FID/KID always use the same real subset (seed 0).
 Generative variants are judged as in the demo: samples per class -> FID/KID against the real
-training digits and a CNN trained on the samples (selected on a synthetic split), reported once
-on the 1000 real test digits. All DP variants use the same Poisson sampling, engine and
-accountant. Writes runs/results/results.json and prints the markdown table of docs/results.md.
+training digits and a CNN trained on the samples (selected on a synthetic split), reported once on
+the real test digits. Every individual run is kept in <out>/results.json (a run already there is
+not computed again, so an interrupted invocation resumes; an unfinished fine-tuning continues from
+its checkpoint); the table (mean +- sample std over repetitions) is printed and written to
+<out>/results.md. A results.json made with other settings (recipe, --set, protocol) is refused.
 
-    python bench/utility.py                      # full (about 1 h on 2 CPU cores)
-    python bench/utility.py --epsilons 10 --variants dp-attention public --fid-samples 200
+    python bench/utility.py                                  # the full protocol (hours on 2 CPU cores)
+    python bench/utility.py --variants dp-attention dp-classifier --epsilons 10 --repeats 1
+    python bench/utility.py --quick --out /tmp/results-quick # smoke run of the whole protocol (seconds)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
 import json
+import math
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, NoReturn
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpldm.config import RunConfig, load_config  # noqa: E402
-from dpldm.demo import sample_per_class  # noqa: E402
+from dpldm.config import ConfigError, RunConfig, load_config  # noqa: E402
+from dpldm.errors import InputError, UserError  # noqa: E402
 from dpldm.utils.io import atomic_write_text  # noqa: E402
 
-GENERATIVE = ("public", "dp-attention", "dp-full", "nonprivate-attention")
-VARIANTS = GENERATIVE + ("dp-classifier",)
+PROG = "utility"
+SCHEMA = 2  # results.json: {"schema", "settings_sha256", "settings", "ablation_specs", "runs": {key: row}}
+ONCE = ("public", "nonprivate-attention")
+GENERATIVE_PRIVATE = ("dp-attention", "dp-attention-decoder", "dp-attention-last", "dp-full")
+DIRECT = "dp-classifier"
+PRIVATE = GENERATIVE_PRIVATE + (DIRECT,)
+VARIANTS = ONCE + PRIVATE
+# --quick: a smoke run of the whole protocol (tests): a stratified subset of the private source
+# (QUICK_PER_CLASS per class and split), 1 DP step of expected batch 16 (RDP), 4 DDIM steps, 3 samples per
+# class, a 1-epoch downstream CNN, no FID
+QUICK_SETS = ["privacy.steps=1", "privacy.expected_batch_size=16", "privacy.physical_batch_size=16",
+              'privacy.backend="torch"', 'privacy.accountant="rdp"', "diffusion.sample_steps=4",
+              "train.warmup_steps=0", "train.checkpoint_every=1"]
+EPSILONS, REPEATS = (1.0, 5.0, 10.0), 3
+QUICK_EPSILONS, QUICK_REPEATS = (1.0, 2.0), 2  # still two of each: pairing and spread are exercised
+QUICK_PER_CLASS = 20
+QUICK_NPZ = f"quick_private_{QUICK_PER_CLASS}.npz"
+QUICK_SAMPLES_PER_CLASS = 3
+TABLE_HEADER = ("| variant (trained modules) | ε target | ε spent | trainable params | runs | downstream acc. (real test) "
+                "| FID (n) | KID | direct DP-SGD classifier, same ε | ours − direct (points) | time per run (s) |")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+QUICK_DIRECT = {"steps": 1, "expected_batch_size": 16, "accountant": "rdp"}  # DPClassifierConfig overrides
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (no usage block)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.toml"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
+    p.add_argument("--epsilons", type=float, nargs="+", default=None,
+                   help=f"target epsilons (default {' '.join(f'{e:g}' for e in EPSILONS)}; "
+                        f"{' '.join(f'{e:g}' for e in QUICK_EPSILONS)} with --quick)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--samples-per-class", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"fresh private runs per (variant, epsilon) (default {REPEATS}; {QUICK_REPEATS} with --quick)")
+    p.add_argument("--samples-per-class", type=int, default=None, help=f"default 200 ({QUICK_SAMPLES_PER_CLASS} with --quick)")
     p.add_argument("--fid-samples", type=int, default=200)
     p.add_argument("--no-fid", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run of the whole protocol (tiny runs, no FID)")
     p.add_argument("--out", default=str(ROOT / "runs" / "results"))
     p.add_argument("--threads", type=int, default=2, help="torch threads (run two invocations with 1 each on 2 cores)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def evaluate_generative(ldm, cfg: RunConfig, args, cache: Path) -> dict:
+def check_args(args: argparse.Namespace) -> None:
+    """Bad flags, before anything is read or written."""
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    for e in args.epsilons:
+        if not (math.isfinite(e) and e > 0):
+            raise UserError(f"--epsilons: every epsilon must be a finite number > 0, got {e}")
+    names = [f"{e:g}" for e in args.epsilons]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"--epsilons: {', '.join(dup)} given twice")
+    if not 1 <= args.threads <= 4096:
+        raise UserError(f"--threads must lie in [1, 4096], got {args.threads}")
+    if args.samples_per_class is not None and args.samples_per_class < 2:
+        raise UserError(f"--samples-per-class must be >= 2 (the downstream CNN holds some out for validation), "
+                        f"got {args.samples_per_class}")
+    if not args.no_fid and not args.quick and args.fid_samples < 2:
+        raise UserError(f"--fid-samples must be >= 2, got {args.fid_samples} (or pass --no-fid)")
+    out = Path(args.out)
+    for anc in [out.absolute(), *out.absolute().parents]:
+        if anc.exists() and not anc.is_dir():
+            raise UserError(f"--out {args.out}: cannot use it as the output folder, {anc} is a file")
+
+
+# -- the ablation's module numbers ------------------------------------------------------------
+
+def ranges_text(numbers: list[int]) -> str:
+    """[3, 4, 5, 7] -> '3-5,7' (the `train.finetune` range syntax)."""
+    parts: list[str] = []
+    for k in sorted(numbers):
+        if parts and k == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{k}"
+        else:
+            parts.append(str(k))
+    return ",".join(parts)
+
+
+def ablation_specs(unet) -> dict[str, str]:
+    """`train.finetune` spec of every generative private variant, from the model: 1-based numbers of
+    `unet.attention_modules()` (forward order: input blocks, middle block, output blocks)."""
+    mods = unet.attention_modules()
+    middle = {id(m) for m in unet.middle_block.modules()}
+    decoder = {id(m) for m in unet.output_blocks.modules()}
+    decoder_side = [k + 1 for k, m in enumerate(mods) if id(m) in middle or id(m) in decoder]
+    last = [k + 1 for k, m in enumerate(mods) if id(m) in decoder][-2:]
+    if not last:
+        raise UserError(f"the UNet has no attention modules in its decoder (output blocks; {len(mods)} attention "
+                        "modules in all): the attention-range ablation needs some (unet.attention_levels)")
+    return {"dp-attention": "attention:all", "dp-attention-decoder": "attention:" + ranges_text(decoder_side),
+            "dp-attention-last": "attention:" + ranges_text(last), "dp-full": "all"}
+
+
+# -- results.json --------------------------------------------------------------------------------
+
+def run_key(variant: str, eps: float | None, rep: int) -> str:
+    return variant if eps is None else f"{variant}@eps={eps:g}@rep={rep}"
+
+
+def migrate_legacy(old: dict, path: Path) -> dict:
+    """The flat schema-1 file ({"dp-attention@eps=10": row, "public": row, ...}, one run each, sampled
+    and classified with seed 0) as schema 2: each old run becomes repetition 0."""
+    runs: dict[str, dict] = {}
+    for key, row in old.items():
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: entry {key!r} is not a run (expected a JSON object)")
+        variant, _, eps_text = key.partition("@eps=")
+        if variant not in VARIANTS:
+            raise UserError(f"{path}: entry {key!r} names no known variant ({', '.join(VARIANTS)})")
+        eps = float(eps_text) if eps_text else None
+        spec = {"dp-attention": "attention:all", "dp-full": "all"}.get(variant)
+        runs[run_key(variant, eps, 0)] = {**row, "variant": variant, "epsilon_target": eps, "rep": 0, "seed": 0,
+                                          **({"finetune": spec} if spec else {}), "migrated_from": key}
+    return {"schema": SCHEMA, "settings_sha256": None, "settings": None, "migrated_from_schema": 1, "runs": runs}
+
+
+def read_results(path: Path) -> dict:
+    if not path.is_file():
+        return {"schema": SCHEMA, "settings_sha256": None, "settings": None, "runs": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not a readable results file ({type(e).__name__}: {e}); move it away or use "
+                        "another --out") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a results file (expected a JSON object)")
+    if "schema" not in data:
+        return migrate_legacy(data, path)
+    if data.get("schema") != SCHEMA or not isinstance(data.get("runs"), dict):
+        raise UserError(f"{path}: results schema {data.get('schema')!r} is not understood (expected {SCHEMA} with "
+                        "a 'runs' object)")
+    return data
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_settings(data: dict, settings: dict, sha: str, path: Path) -> None:
+    """A results file holds runs of one settings fingerprint: refuse to mix in others."""
+    if data.get("settings_sha256") in (None, sha):
+        return
+    old, new = flatten(data.get("settings") or {}), flatten(settings)
+    diff = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) | set(new))
+            if old.get(k, "(absent)") != new.get(k, "(absent)")]
+    shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+    raise UserError(f"{path} holds runs made with other settings ({shown or 'settings differ'}); use another --out "
+                    "(nothing was changed)")
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Several invocations may fill one results.json (e.g. --threads 1 twice on 2 cores)."""
+    with open(out / ".results.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def record(path: Path, settings: dict, sha: str, specs: dict, key: str | None, row: dict | None) -> dict:
+    """Re-read results.json under the lock, add one run (or only adopt the settings), write atomically."""
+    with locked(path.parent):
+        data = read_results(path)
+        check_settings(data, settings, sha, path)
+        data.update(settings_sha256=sha, settings=settings, ablation_specs=specs)
+        if key is not None:
+            data["runs"][key] = row
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+        return data
+
+
+def settings_of(base: RunConfig, args: argparse.Namespace) -> tuple[dict, str]:
+    """Everything a run's numbers depend on besides its (variant, epsilon, repetition): the recipe
+    (minus what the tool sets per run) and the protocol. Threads and the output folder are excluded."""
+    from dpldm.eval.dp_classifier import config_dict
+
+    d = base.to_dict()
+    for section, key in (("privacy", "epsilon"), ("train", "finetune"), ("train", "out_dir"), ("train", "threads"),
+                         ("train", "wandb")):
+        d.get(section, {}).pop(key, None)
+    cnn = dataclasses.asdict(downstream_config(args, seed=0))
+    cnn.pop("seed")
+    settings = json.loads(json.dumps({
+        "recipe": d, "quick": bool(args.quick), "samples_per_class": samples_per_class(args),
+        "fid": None if fid_off(args) else {"samples": args.fid_samples, "subset_seed": 0},
+        "downstream_cnn": cnn, "direct_classifier": config_dict(direct_config(args))}))
+    return settings, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- the protocol's parts --------------------------------------------------------------------------
+
+def samples_per_class(args) -> int:
+    return args.samples_per_class if args.samples_per_class is not None else (
+        QUICK_SAMPLES_PER_CLASS if args.quick else 200)
+
+
+def fid_off(args) -> bool:
+    return bool(args.no_fid or args.quick)
+
+
+def direct_config(args):
+    """The direct DP classifier's settings: DPClassifierConfig's defaults (chosen on the public proxy)."""
+    from dpldm.eval.dp_classifier import DPClassifierConfig
+
+    return DPClassifierConfig(**(QUICK_DIRECT if args.quick else {}))
+
+
+def downstream_config(args, seed: int):
+    """The downstream CNN's recipe (dpldm.eval.classifier's defaults), seeded per repetition."""
+    from dpldm.eval.classifier import ClassifierConfig
+
+    return dataclasses.replace(ClassifierConfig(), seed=seed, **({"epochs": 1} if args.quick else {}))
+
+
+def quick_private_source(source: str, path: Path) -> Path:
+    """--quick: a stratified subset (QUICK_PER_CLASS per class of each split) of the private source as
+    an .npz with train_/test_ arrays, so the smoke run's fine-tunings encode few images."""
     from dpldm.data.sources import load_source
+
+    if path.is_file():
+        return path
+    arrays = {}
+    for split in ("train", "test"):
+        x, y, _ = load_source(source, split)
+        idx = np.concatenate([np.flatnonzero(y == c)[:QUICK_PER_CLASS] for c in np.unique(y)])  # (n,)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x[idx], y[idx]
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def evaluate_generative(ldm, cfg: RunConfig, args, cache: Path, seed: int) -> dict:
+    from dpldm.data.sources import load_source
+    from dpldm.demo import sample_per_class
     from dpldm.eval.evaluate import evaluate_synthetic
 
-    images, labels = sample_per_class(ldm, cfg.data.num_classes, args.samples_per_class, seed=cfg.train.seed,
-                                      progress=False)
+    images, labels = sample_per_class(ldm, cfg.data.num_classes, samples_per_class(args), seed=seed, progress=False)
     train_x, _, _ = load_source(cfg.data.private, "train")
     test_x, test_y, _ = load_source(cfg.data.private, "test")
     return evaluate_synthetic(images, labels, real_train=train_x, real_test=(test_x, test_y), n_fid=args.fid_samples,
-                              cache_dir=cache, compute_fid=not args.no_fid, num_classes=cfg.data.num_classes, log=None)
+                              cache_dir=cache, compute_fid=not fid_off(args), num_classes=cfg.data.num_classes,
+                              classifier_config=downstream_config(args, seed), seed=0, log=None)
 
 
-def run_dp_finetune(cfg: RunConfig, out: Path, finetune_spec: str) -> tuple:
+def run_dp_finetune(cfg: RunConfig, out: Path, finetune_spec: str, verbose: bool) -> tuple:
     from dpldm.models.ldm import load_ldm
     from dpldm.train.dp_finetune import FinetuneOptions, train
 
     cfg.train.finetune = finetune_spec
     cfg.train.out_dir = str(out)
     cfg.train.wandb = False
-    res = train(cfg, FinetuneOptions(out=out, init=cfg.train.init_checkpoint or None,
-                                     resume="auto"))  # continue an interrupted run, else start one
+    res = train(cfg, FinetuneOptions(out=out, init=cfg.train.init_checkpoint or None, resume="auto",
+                                     verbose=verbose, command="python bench/utility.py"))  # continue an interrupted run
     return load_ldm(res["model"]), res["privacy"]
 
 
@@ -102,7 +350,7 @@ def run_nonprivate_finetune(cfg: RunConfig, out: Path) -> tuple:
     g = torch.Generator().manual_seed(cfg.train.seed)
     B, pb = cfg.privacy.expected_batch_size, cfg.privacy.physical_batch_size
     for step in range(cfg.privacy.steps):
-        idx = torch.randint(0, len(data), (B,), generator=g)
+        idx = torch.randint(0, len(data), (B,), generator=g)  # (B,)
         opt.zero_grad(set_to_none=True)
         for s in range(0, B, pb):
             z0, y = data.dataset.get_batch(idx[s:s + pb])
@@ -116,96 +364,203 @@ def run_nonprivate_finetune(cfg: RunConfig, out: Path) -> tuple:
     return ldm, {"epsilon": float("inf"), "trainable_parameters": trainable, "steps": cfg.privacy.steps}
 
 
-def run_dp_classifier(cfg: RunConfig, epsilon: float) -> dict:
-    """SmallCNN trained directly on the private digits with our DP-SGD (Poisson, clip, noise)."""
-    from dpldm.data.loaders import InMemoryDataset
+def run_dp_classifier(cfg: RunConfig, epsilon: float, seed: int, dc) -> dict:
+    """The direct DP-SGD classifier (dpldm.eval.dp_classifier) on the private train split at the same
+    (epsilon, delta), read once on the test split; `seed` initialises the CNN (noise and Poisson plan
+    from the OS)."""
     from dpldm.data.sources import load_source
-    from dpldm.eval.classifier import SmallCNN
-    from dpldm.privacy import DPStep, GaussianNoise, PrivacyLedger
+    from dpldm.eval.dp_classifier import train_dp_classifier
 
     x, y, _ = load_source(cfg.data.private, "train")
     xt, yt, _ = load_source(cfg.data.private, "test")
-    to_x = lambda a: torch.from_numpy(a).float().div(127.5).sub(1.0).unsqueeze(1)  # (N, 1, H, W)  # noqa: E731
-    data = InMemoryDataset(to_x(x), torch.from_numpy(y), kind="images", num_classes=cfg.data.num_classes)
-    torch.manual_seed(cfg.train.seed)
-    model = SmallCNN(1, (cfg.data.image_size, cfg.data.image_size), cfg.data.num_classes, dropout=0.0)
-    steps, batch = 200, 500
-    ledger = PrivacyLedger.create(num_examples=len(data), sample_rate=batch / len(data), max_grad_norm=1.0,
-                                  delta=cfg.privacy.delta, steps=steps, epsilon=epsilon)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    dp = DPStep(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), ledger,
-                noise=GaussianNoise(), optimizer=opt)
-    for _ in range(steps):
-        idx = dp.begin_step()
-        for s in range(0, idx.numel(), 250):
-            dp.accumulate(data.get_batch(idx[s:s + 250]))
-        dp.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(to_x(xt)).argmax(1).numpy() == yt).mean()  # reported once, nothing selected on it
-    return {"accuracy": float(acc), "epsilon": ledger.epsilon_spent(), "steps": steps,
-            "trainable_parameters": sum(p.numel() for p in model.parameters()), "fid": None}
+    res = train_dp_classifier(x, y, xt, yt, epsilon=epsilon, delta=cfg.privacy.delta, config=dc, seed=seed,
+                              num_classes=cfg.data.num_classes)
+    return {**res, "fid": None}
 
 
-def main() -> int:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+def run_one(variant: str, eps: float | None, rep: int, cfg: RunConfig, specs: dict, args, out: Path) -> dict:
+    """One run of the protocol; its row for results.json (plain values only)."""
+    key = run_key(variant, eps, rep)
+    meta: dict[str, Any] = {"variant": variant, "epsilon_target": eps, "rep": rep, "seed": rep}
+    if variant == "public":
+        from dpldm.models.ldm import load_public_model
+
+        ldm = load_public_model()
+        ldm.cfg.diffusion = cfg.diffusion
+        row = {"epsilon": 0.0, "trainable_parameters": 0, **evaluate_generative(ldm, cfg, args, out / "cache", rep)}
+    elif variant == "nonprivate-attention":
+        meta["finetune"] = cfg.train.finetune
+        ldm, info = run_nonprivate_finetune(cfg, out / key)
+        row = {**info, **evaluate_generative(ldm, cfg, args, out / "cache", rep)}
+    elif variant == DIRECT:
+        row = run_dp_classifier(cfg, eps, rep, direct_config(args))
+    else:
+        meta["finetune"] = specs[variant]
+        meta["run_dir"] = str(out / key)
+        ldm, info = run_dp_finetune(cfg, out / key, specs[variant], verbose=not args.quick)
+        row = {**info, **evaluate_generative(ldm, cfg, args, out / "cache", rep)}
+    return {**{k: v for k, v in row.items() if isinstance(v, (int, float, str, type(None)))}, **meta}
+
+
+def plan(args) -> list[tuple[str, float | None, int]]:
+    """(variant, epsilon, repetition): the once-only variants, then repetition 0 of every private
+    (variant, epsilon), then repetition 1, ... (an interrupted invocation leaves whole repetitions)."""
+    jobs: list[tuple[str, float | None, int]] = [(v, None, 0) for v in ONCE if v in args.variants]
+    for rep in range(args.repeats):
+        for eps in args.epsilons:
+            jobs += [(v, eps, rep) for v in PRIVATE if v in args.variants]
+    return jobs
+
+
+# -- the table ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float | None
+    std: float | None  # sample standard deviation (n - 1); None below 2 values
+    n: int
+
+
+def stat(values: list) -> Stat:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return Stat(None, None, 0)
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) >= 2 else None, len(vals))
+
+
+@dataclass(frozen=True)
+class TableRow:
+    variant: str
+    epsilon_target: float | None
+    finetune: str | None
+    runs: int
+    accuracy: Stat
+    fid: Stat
+    kid: Stat
+    epsilon_spent: Stat
+    seconds: Stat
+    trainable_parameters: int | None
+    fid_n_samples: int | None
+    direct: Stat | None  # the direct DP-SGD classifier's accuracy at the same target epsilon
+    margin: float | None  # accuracy mean - direct mean
+    margin_se: float | None  # sqrt(s1^2/n1 + s2^2/n2) when both have >= 2 runs
+
+
+def aggregate(runs: dict[str, dict]) -> list[TableRow]:
+    """One row per (variant, target epsilon): the once-only variants first, then by epsilon."""
+    groups: dict[tuple[str, float | None], list[dict]] = {}
+    for row in runs.values():
+        groups.setdefault((row["variant"], row.get("epsilon_target")), []).append(row)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    keys = sorted(groups, key=lambda k: (k[1] is not None, k[1] or 0.0, order.get(k[0], len(order)), k[0]))
+    out = []
+    for variant, eps in keys:
+        rows = sorted(groups[(variant, eps)], key=lambda r: r.get("rep", 0))
+        acc = stat([r.get("accuracy") for r in rows])
+        direct = None
+        if eps is not None and variant != DIRECT and (DIRECT, eps) in groups:
+            direct = stat([r.get("accuracy") for r in groups[(DIRECT, eps)]])
+        margin = margin_se = None
+        if direct is not None and direct.n and acc.n:
+            margin = acc.mean - direct.mean
+            if acc.std is not None and direct.std is not None:
+                margin_se = math.sqrt(acc.std ** 2 / acc.n + direct.std ** 2 / direct.n)
+        out.append(TableRow(variant, eps, rows[0].get("finetune"), len(rows), acc, stat([r.get("fid") for r in rows]),
+                            stat([r.get("kid") for r in rows]), stat([r.get("epsilon") for r in rows]),
+                            stat([r.get("seconds") for r in rows]), rows[0].get("trainable_parameters"),
+                            rows[0].get("fid_n_samples"), direct, margin, margin_se))
+    return out
+
+
+def fmt(s: Stat, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    if s.mean is None:
+        return "—"
+    text = f"{scale * s.mean:.{digits}f}"
+    if s.std is not None:
+        text += f" ± {scale * s.std:.{digits}f}"
+    return text + unit
+
+
+def markdown_table(rows: list[TableRow]) -> str:
+    lines = [TABLE_HEADER, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        name = r.variant + (f" ({r.finetune})" if r.finetune else "")
+        target = "—" if r.epsilon_target is None else f"{r.epsilon_target:g}"
+        spent = r.epsilon_spent.mean
+        spent_s = ("∞ (non-private)" if spent == float("inf") or (spent is None and r.variant == "nonprivate-attention")
+                   else "0 (no private data)" if spent == 0 else "—" if spent is None else f"{spent:.2f}")
+        params = "—" if r.trainable_parameters is None else f"{r.trainable_parameters:,}"
+        fid = fmt(r.fid) + ("" if r.fid.mean is None or r.fid_n_samples is None else f" ({r.fid_n_samples})")
+        direct = "—" if r.direct is None else f"{fmt(r.direct, 100, unit='%')} (n={r.direct.n})"
+        margin = "—" if r.margin is None else f"{round(100 * r.margin, 1) + 0.0:+.1f}" + (  # never "-0.0"
+            "" if r.margin_se is None else f" ± {100 * r.margin_se:.1f}")
+        lines.append(f"| {name} | {target} | {spent_s} | {params} | {r.runs} | {fmt(r.accuracy, 100, unit='%')} | "
+                     f"{fid} | {fmt(r.kid, digits=4)} | {direct} | {margin} | {fmt(r.seconds, digits=0)} |")
+    return "\n".join(lines)
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    from dpldm.models.unet import UNet
+
+    check_args(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    jobs = []
-    if "public" in args.variants:
-        jobs.append(("public", None))
-    if "nonprivate-attention" in args.variants:
-        jobs.append(("nonprivate-attention", None))
-    for eps in args.epsilons:
-        for v in ("dp-attention", "dp-full", "dp-classifier"):
-            if v in args.variants:
-                jobs.append((v, eps))
-    for variant, eps in jobs:
-        key = variant if eps is None else f"{variant}@eps={eps:g}"
-        if key in results:
-            print(f"[results] {key}: cached")
+    sets = (QUICK_SETS if args.quick else []) + list(args.set) + [f"train.threads={args.threads}"]
+    base = load_config(args.config, sets)  # ConfigError on a bad recipe or --set, before anything is written
+    unet = UNet(base.unet)
+    specs = ablation_specs(unet)
+    source = base.data.private
+    if args.quick:  # the smoke run's private set: a subset of the recipe's (written below)
+        sets.append(f"data.private={json.dumps(str(out / QUICK_NPZ))}")
+        base = load_config(args.config, sets)
+    settings, sha = settings_of(base, args)
+    data = read_results(results_path)  # refuse a foreign or unreadable results.json before computing anything
+    check_settings(data, settings, sha, results_path)
+    torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        quick_private_source(source, out / QUICK_NPZ)
+    n_modules = len(unet.attention_modules())
+    print(f"[results] settings {sha}; {args.repeats} repetition(s) at epsilon {', '.join(f'{e:g}' for e in args.epsilons)}"
+          f"; trained modules (of {n_modules} attention modules, 1-based forward order; + class embedder):", flush=True)
+    for v in GENERATIVE_PRIVATE:
+        if v in args.variants:
+            print(f"[results]   {v}: {specs[v]}", flush=True)
+    data = record(results_path, settings, sha, specs, None, None)
+    for variant, eps, rep in plan(args):
+        key = run_key(variant, eps, rep)
+        if key in data["runs"]:
+            print(f"[results] {key}: cached", flush=True)
             continue
-        cfg = load_config(args.config, list(args.set) + ([f"privacy.epsilon={eps}"] if eps is not None else []))
-        t0 = time.time()
+        cfg = load_config(args.config, sets + ([f"privacy.epsilon={eps!r}"] if eps is not None else []))
         print(f"[results] {key} ...", flush=True)
-        if variant == "public":
-            from dpldm.models.ldm import load_public_model
-
-            ldm = load_public_model()
-            ldm.cfg.diffusion = cfg.diffusion
-            row = {"epsilon": 0.0, "trainable_parameters": 0, **evaluate_generative(ldm, cfg, args, out / "cache")}
-        elif variant == "nonprivate-attention":
-            ldm, info = run_nonprivate_finetune(cfg, out / key)
-            row = {**info, **evaluate_generative(ldm, cfg, args, out / "cache")}
-        elif variant in ("dp-attention", "dp-full"):
-            spec = "attention:all" if variant == "dp-attention" else "all"
-            ldm, info = run_dp_finetune(cfg, out / key, spec)
-            row = {**info, **evaluate_generative(ldm, cfg, args, out / "cache")}
-        else:
-            row = run_dp_classifier(cfg, eps)
-        row["seconds"] = round(time.time() - t0, 1)
-        results[key] = {k: v for k, v in row.items() if isinstance(v, (int, float, str, type(None)))}
-        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
-        print(f"[results] {key}: accuracy {row.get('accuracy')}, FID {row.get('fid')}, {row['seconds']} s", flush=True)
-    print(markdown_table(results))
+        t0 = time.time()
+        row = run_one(variant, eps, rep, cfg, specs, args, out)
+        row["seconds"] = round(time.time() - t0, 1)  # the whole run (benchmark file; docs/results.md, Protocol)
+        data = record(results_path, settings, sha, specs, key, row)
+        fid = row.get("fid")
+        print(f"[results] {key}: accuracy {row.get('accuracy'):.4f}, FID {'—' if fid is None else f'{fid:.2f}'}, "
+              f"{row['seconds']} s", flush=True)
+    table = markdown_table(aggregate(data["runs"]))
+    atomic_write_text(out / "results.md", table + "\n")
+    print(table)
+    print(f"[results] wrote {out / 'results.md'} (table) and {results_path} (every run)", flush=True)
     return 0
 
 
-def markdown_table(results: dict) -> str:
-    lines = ["| variant | epsilon (spent) | trainable params | downstream acc. (real test) | FID (n) | KID | time (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for key, r in results.items():
-        eps = r.get("epsilon")
-        eps_s = "∞ (non-private)" if eps == float("inf") else ("0 (no private data)" if eps == 0 else f"{eps:.2f}")
-        fid = "—" if r.get("fid") is None else f"{r['fid']:.1f} ({r.get('fid_n_samples')})"
-        kid = "—" if r.get("kid") is None else f"{r['kid']:.4f}"
-        acc = "—" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"
-        lines.append(f"| {key} | {eps_s} | {r.get('trainable_parameters', 0):,} | {acc} | {fid} | {kid} | "
-                     f"{r.get('seconds')} |")
-    return "\n".join(lines)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.epsilons is None:
+        args.epsilons = list(QUICK_EPSILONS if args.quick else EPSILONS)
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else REPEATS
+    try:
+        return run(args)
+    except (InputError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
