@@ -34,8 +34,10 @@ bench: install
 	$(PY) bench/data.py --quick
 	$(PY) bench/scaling.py --quick
 
+# eps {1, 5, 10} x 3 fresh private runs per variant + the direct DP classifier beside each row (hours on 2 CPU
+# cores; an interrupted run resumes). Table: runs/results/results.md; every run: runs/results/results.json.
 results: install
-	$(PY) bench/utility.py
+	$(PY) bench/utility.py --out runs/results
 
 lint: install
 	$(PY) -m pyflakes dpldm kernels launch bench tests
