@@ -70,6 +70,8 @@ QUICK_EPSILONS, QUICK_REPEATS = (1.0, 2.0), 2  # still two of each: pairing and 
 QUICK_PER_CLASS = 20
 QUICK_NPZ = f"quick_private_{QUICK_PER_CLASS}.npz"
 QUICK_SAMPLES_PER_CLASS = 3
+LEGACY_NOTE = ("includes runs from an old results.json (one run per key, read as repetition 0) whose settings were "
+               "not recorded: they may come from an earlier recipe")
 TABLE_HEADER = ("| variant (trained modules) | ε target | ε spent | trainable params | runs | downstream acc. (real test) "
                 "| FID (n) | KID | direct DP-SGD classifier, same ε | ours − direct (points) | time per run (s) |")
 
@@ -444,6 +446,7 @@ class TableRow:
     direct: Stat | None  # the direct DP-SGD classifier's accuracy at the same target epsilon
     margin: float | None  # accuracy mean - direct mean
     margin_se: float | None  # sqrt(s1^2/n1 + s2^2/n2) when both have >= 2 runs
+    legacy: bool = False  # some run came from an old (schema 1) results.json: its settings were not recorded
 
 
 def aggregate(runs: dict[str, dict]) -> list[TableRow]:
@@ -468,7 +471,8 @@ def aggregate(runs: dict[str, dict]) -> list[TableRow]:
         out.append(TableRow(variant, eps, rows[0].get("finetune"), len(rows), acc, stat([r.get("fid") for r in rows]),
                             stat([r.get("kid") for r in rows]), stat([r.get("epsilon") for r in rows]),
                             stat([r.get("seconds") for r in rows]), rows[0].get("trainable_parameters"),
-                            rows[0].get("fid_n_samples"), direct, margin, margin_se))
+                            rows[0].get("fid_n_samples"), direct, margin, margin_se,
+                            any("migrated_from" in r for r in rows)))
     return out
 
 
@@ -484,7 +488,7 @@ def fmt(s: Stat, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
 def markdown_table(rows: list[TableRow]) -> str:
     lines = [TABLE_HEADER, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        name = r.variant + (f" ({r.finetune})" if r.finetune else "")
+        name = r.variant + (f" ({r.finetune})" if r.finetune else "") + (" †" if r.legacy else "")
         target = "—" if r.epsilon_target is None else f"{r.epsilon_target:g}"
         spent = r.epsilon_spent.mean
         spent_s = ("∞ (non-private)" if spent == float("inf") or (spent is None and r.variant == "nonprivate-attention")
@@ -496,6 +500,8 @@ def markdown_table(rows: list[TableRow]) -> str:
             "" if r.margin_se is None else f" ± {100 * r.margin_se:.1f}")
         lines.append(f"| {name} | {target} | {spent_s} | {params} | {r.runs} | {fmt(r.accuracy, 100, unit='%')} | "
                      f"{fid} | {fmt(r.kid, digits=4)} | {direct} | {margin} | {fmt(r.seconds, digits=0)} |")
+    if any(r.legacy for r in rows):
+        lines += ["", f"† {LEGACY_NOTE}"]
     return "\n".join(lines)
 
 
@@ -529,6 +535,10 @@ def run(args: argparse.Namespace) -> int:
         if v in args.variants:
             print(f"[results]   {v}: {specs[v]}", flush=True)
     data = record(results_path, settings, sha, specs, None, None)
+    legacy = sorted(k for k, r in data["runs"].items() if "migrated_from" in r)
+    if legacy:
+        print(f"[results] warning: {len(legacy)} run(s) {LEGACY_NOTE} ({', '.join(legacy)}); they are reused and "
+              "marked † in the table; use another --out to recompute them", flush=True)
     for variant, eps, rep in plan(args):
         key = run_key(variant, eps, rep)
         if key in data["runs"]:

@@ -216,7 +216,7 @@ def test_plan_cache_and_resume(tmp_path, monkeypatch, capsys):
 
 def test_legacy_results_migrated(tmp_path, monkeypatch):
     """A schema-1 results.json (flat, one run per key) is read as repetition 0 of each run: not
-    computed again, and shown in the table."""
+    computed again, and shown in the table, marked (its settings were not recorded)."""
     out = tmp_path / "res"
     out.mkdir()
     legacy = {"public": {"epsilon": 0.0, "trainable_parameters": 0, "accuracy": 0.638, "fid": 78.6},
@@ -232,10 +232,12 @@ def test_legacy_results_migrated(tmp_path, monkeypatch):
     assert tool.main(["--out", str(out), "--epsilons", "10", "--repeats", "2", "--threads", "1", "--no-fid",
                       "--variants", "public", "dp-attention", "dp-classifier"]) == 0
     assert calls == ["dp-attention@eps=10@rep=1", "dp-classifier@eps=10@rep=1"]
-    cells = table_rows((out / "results.md").read_text())
+    table = (out / "results.md").read_text()
+    cells = table_rows(table)
     ours = [0.901, 0.5 + 0.01 + 0.1]
-    assert cells[("dp-attention (attention:all)", "10")][5] == (
+    assert cells[("dp-attention (attention:all) †", "10")][5] == (
         f"{100 * np.mean(ours):.1f} ± {100 * np.std(ours, ddof=1):.1f}%")
+    assert ("public †", "—") in cells and table.rstrip().endswith(tool.LEGACY_NOTE)  # marked: settings unknown
 
 
 # -- the whole protocol, for real (--quick) -------------------------------------------------------------
