@@ -42,7 +42,7 @@ class ClassifierConfig:
     channels: tuple[int, int] = (16, 32)
     hidden: int = 128
     dropout: float = 0.1
-    augment: bool = False  # random affine jitter of every training batch (dpldm.eval.augment), fresh each epoch
+    augment: bool = True  # random affine jitter of every training batch (dpldm.eval.augment); chosen on the public proxy (docs/tuning.md)
     max_rotation_deg: float = 10.0
     max_scale: float = 0.1
     max_shift_px: float = 2.0
