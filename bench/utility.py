@@ -29,18 +29,14 @@ its checkpoint); the table (mean +- sample std over repetitions) is printed and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -52,13 +48,10 @@ from dpldm.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dpldm.errors import InputError, UserError  # noqa: E402
 from dpldm.utils.io import atomic_write_text  # noqa: E402
 
+from bench.results_data import (DIRECT, GENERATIVE_PRIVATE, LEGACY_NOTE, ONCE, PRIVATE, VARIANTS,  # noqa: E402
+                                aggregate, check_settings, markdown_table, read_results, record, run_key)
+
 PROG = "utility"
-SCHEMA = 2  # results.json: {"schema", "settings_sha256", "settings", "ablation_specs", "runs": {key: row}}
-ONCE = ("public", "nonprivate-attention")
-GENERATIVE_PRIVATE = ("dp-attention", "dp-attention-decoder", "dp-attention-last", "dp-full")
-DIRECT = "dp-classifier"
-PRIVATE = GENERATIVE_PRIVATE + (DIRECT,)
-VARIANTS = ONCE + PRIVATE
 # --quick: a smoke run of the whole protocol (tests): a stratified subset of the private source
 # (QUICK_PER_CLASS per class and split), 1 DP step of expected batch 16 (RDP), 4 DDIM steps, 3 samples per
 # class, a 1-epoch downstream CNN, no FID
@@ -70,12 +63,6 @@ QUICK_EPSILONS, QUICK_REPEATS = (1.0, 2.0), 2  # still two of each: pairing and 
 QUICK_PER_CLASS = 20
 QUICK_NPZ = f"quick_private_{QUICK_PER_CLASS}.npz"
 QUICK_SAMPLES_PER_CLASS = 3
-LEGACY_NOTE = ("includes runs from an old results.json (one run per key, read as repetition 0) whose settings were "
-               "not recorded: they may come from an earlier recipe")
-TABLE_HEADER = ("| variant (trained modules) | ε target | ε spent | trainable params | runs | downstream acc. (real test) "
-                "| FID (n) | KID | direct DP-SGD classifier, same ε | ours − direct (points) | time per run (s) |")
-
-
 QUICK_DIRECT = {"steps": 1, "expected_batch_size": 16, "accountant": "rdp"}  # DPClassifierConfig overrides
 
 
@@ -157,89 +144,6 @@ def ablation_specs(unet) -> dict[str, str]:
 
 
 # -- results.json --------------------------------------------------------------------------------
-
-def run_key(variant: str, eps: float | None, rep: int) -> str:
-    return variant if eps is None else f"{variant}@eps={eps:g}@rep={rep}"
-
-
-def migrate_legacy(old: dict, path: Path) -> dict:
-    """The flat schema-1 file ({"dp-attention@eps=10": row, "public": row, ...}, one run each, sampled
-    and classified with seed 0) as schema 2: each old run becomes repetition 0."""
-    runs: dict[str, dict] = {}
-    for key, row in old.items():
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: entry {key!r} is not a run (expected a JSON object)")
-        variant, _, eps_text = key.partition("@eps=")
-        if variant not in VARIANTS:
-            raise UserError(f"{path}: entry {key!r} names no known variant ({', '.join(VARIANTS)})")
-        eps = float(eps_text) if eps_text else None
-        spec = {"dp-attention": "attention:all", "dp-full": "all"}.get(variant)
-        runs[run_key(variant, eps, 0)] = {**row, "variant": variant, "epsilon_target": eps, "rep": 0, "seed": 0,
-                                          **({"finetune": spec} if spec else {}), "migrated_from": key}
-    return {"schema": SCHEMA, "settings_sha256": None, "settings": None, "migrated_from_schema": 1, "runs": runs}
-
-
-def read_results(path: Path) -> dict:
-    if not path.is_file():
-        return {"schema": SCHEMA, "settings_sha256": None, "settings": None, "runs": {}}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: not a readable results file ({type(e).__name__}: {e}); move it away or use "
-                        "another --out") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a results file (expected a JSON object)")
-    if "schema" not in data:
-        return migrate_legacy(data, path)
-    if data.get("schema") != SCHEMA or not isinstance(data.get("runs"), dict):
-        raise UserError(f"{path}: results schema {data.get('schema')!r} is not understood (expected {SCHEMA} with "
-                        "a 'runs' object)")
-    return data
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def check_settings(data: dict, settings: dict, sha: str, path: Path) -> None:
-    """A results file holds runs of one settings fingerprint: refuse to mix in others."""
-    if data.get("settings_sha256") in (None, sha):
-        return
-    old, new = flatten(data.get("settings") or {}), flatten(settings)
-    diff = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) | set(new))
-            if old.get(k, "(absent)") != new.get(k, "(absent)")]
-    shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
-    raise UserError(f"{path} holds runs made with other settings ({shown or 'settings differ'}); use another --out "
-                    "(nothing was changed)")
-
-
-@contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Several invocations may fill one results.json (e.g. --threads 1 twice on 2 cores)."""
-    with open(out / ".results.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def record(path: Path, settings: dict, sha: str, specs: dict, key: str | None, row: dict | None) -> dict:
-    """Re-read results.json under the lock, add one run (or only adopt the settings), write atomically."""
-    with locked(path.parent):
-        data = read_results(path)
-        check_settings(data, settings, sha, path)
-        data.update(settings_sha256=sha, settings=settings, ablation_specs=specs)
-        if key is not None:
-            data["runs"][key] = row
-        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-        return data
-
 
 def settings_of(base: RunConfig, args: argparse.Namespace) -> tuple[dict, str]:
     """Everything a run's numbers depend on besides its (variant, epsilon, repetition): the recipe
@@ -415,95 +319,6 @@ def plan(args) -> list[tuple[str, float | None, int]]:
 
 
 # -- the table ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Stat:
-    mean: float | None
-    std: float | None  # sample standard deviation (n - 1); None below 2 values
-    n: int
-
-
-def stat(values: list) -> Stat:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return Stat(None, None, 0)
-    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) >= 2 else None, len(vals))
-
-
-@dataclass(frozen=True)
-class TableRow:
-    variant: str
-    epsilon_target: float | None
-    finetune: str | None
-    runs: int
-    accuracy: Stat
-    fid: Stat
-    kid: Stat
-    epsilon_spent: Stat
-    seconds: Stat
-    trainable_parameters: int | None
-    fid_n_samples: int | None
-    direct: Stat | None  # the direct DP-SGD classifier's accuracy at the same target epsilon
-    margin: float | None  # accuracy mean - direct mean
-    margin_se: float | None  # sqrt(s1^2/n1 + s2^2/n2) when both have >= 2 runs
-    legacy: bool = False  # some run came from an old (schema 1) results.json: its settings were not recorded
-
-
-def aggregate(runs: dict[str, dict]) -> list[TableRow]:
-    """One row per (variant, target epsilon): the once-only variants first, then by epsilon."""
-    groups: dict[tuple[str, float | None], list[dict]] = {}
-    for row in runs.values():
-        groups.setdefault((row["variant"], row.get("epsilon_target")), []).append(row)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    keys = sorted(groups, key=lambda k: (k[1] is not None, k[1] or 0.0, order.get(k[0], len(order)), k[0]))
-    out = []
-    for variant, eps in keys:
-        rows = sorted(groups[(variant, eps)], key=lambda r: r.get("rep", 0))
-        acc = stat([r.get("accuracy") for r in rows])
-        direct = None
-        if eps is not None and variant != DIRECT and (DIRECT, eps) in groups:
-            direct = stat([r.get("accuracy") for r in groups[(DIRECT, eps)]])
-        margin = margin_se = None
-        if direct is not None and direct.n and acc.n:
-            margin = acc.mean - direct.mean
-            if acc.std is not None and direct.std is not None:
-                margin_se = math.sqrt(acc.std ** 2 / acc.n + direct.std ** 2 / direct.n)
-        out.append(TableRow(variant, eps, rows[0].get("finetune"), len(rows), acc, stat([r.get("fid") for r in rows]),
-                            stat([r.get("kid") for r in rows]), stat([r.get("epsilon") for r in rows]),
-                            stat([r.get("seconds") for r in rows]), rows[0].get("trainable_parameters"),
-                            rows[0].get("fid_n_samples"), direct, margin, margin_se,
-                            any("migrated_from" in r for r in rows)))
-    return out
-
-
-def fmt(s: Stat, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
-    if s.mean is None:
-        return "—"
-    text = f"{scale * s.mean:.{digits}f}"
-    if s.std is not None:
-        text += f" ± {scale * s.std:.{digits}f}"
-    return text + unit
-
-
-def markdown_table(rows: list[TableRow]) -> str:
-    lines = [TABLE_HEADER, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        name = r.variant + (f" ({r.finetune})" if r.finetune else "") + (" †" if r.legacy else "")
-        target = "—" if r.epsilon_target is None else f"{r.epsilon_target:g}"
-        spent = r.epsilon_spent.mean
-        spent_s = ("∞ (non-private)" if spent == float("inf") or (spent is None and r.variant == "nonprivate-attention")
-                   else "0 (no private data)" if spent == 0 else "—" if spent is None else f"{spent:.2f}")
-        params = "—" if r.trainable_parameters is None else f"{r.trainable_parameters:,}"
-        fid = fmt(r.fid) + ("" if r.fid.mean is None or r.fid_n_samples is None else f" ({r.fid_n_samples})")
-        direct = "—" if r.direct is None else f"{fmt(r.direct, 100, unit='%')} (n={r.direct.n})"
-        margin = "—" if r.margin is None else f"{round(100 * r.margin, 1) + 0.0:+.1f}" + (  # never "-0.0"
-            "" if r.margin_se is None else f" ± {100 * r.margin_se:.1f}")
-        lines.append(f"| {name} | {target} | {spent_s} | {params} | {r.runs} | {fmt(r.accuracy, 100, unit='%')} | "
-                     f"{fid} | {fmt(r.kid, digits=4)} | {direct} | {margin} | {fmt(r.seconds, digits=0)} |")
-    if any(r.legacy for r in rows):
-        lines += ["", f"† {LEGACY_NOTE}"]
-    return "\n".join(lines)
-
 
 # -- main ------------------------------------------------------------------------------------------------
 

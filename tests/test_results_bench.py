@@ -33,6 +33,7 @@ def load_tool():
 
 
 tool = load_tool()
+from bench.results_data import TABLE_HEADER  # noqa: E402  (importable once the tool put the repo on sys.path)
 
 
 def demo_unet_config():
@@ -47,7 +48,7 @@ def row(variant, eps, rep, acc, **kw):
 
 def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
     """{(variant cell, epsilon cell): cells} of a markdown table printed by the tool."""
-    lines = text.split(tool.TABLE_HEADER, 1)[1].strip().splitlines()[1:]
+    lines = text.split(TABLE_HEADER, 1)[1].strip().splitlines()[1:]
     out = {}
     for line in lines:
         if not line.startswith("|"):
