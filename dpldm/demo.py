@@ -82,6 +82,15 @@ def check_reusable(cfg: RunConfig, ldm, model_dir: Path) -> None:
                         f"{model_dir.parent} to fine-tune again with this recipe, or pick another --out")
 
 
+def _per_class_text(report: dict) -> str:
+    """'mean 91.6%, worst class 8: 84.2%' from the downstream CNN's real-test confusion ('—' without it)."""
+    worst = report.get("worst_class")
+    if worst is None:
+        return "—"
+    return (f"mean {_percent(report['mean_per_class_accuracy'])}, worst class {worst}: "
+            f"{_percent(report['per_class_accuracy'][worst])}")
+
+
 def sample_per_class(ldm, num_classes: int, per_class: int, *, batch: int = 250, seed: int = 0,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (num_classes*per_class, H, W[, C]) and labels, sampled with the EMA weights."""
@@ -198,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         "fid": ev.get("fid"), "fid_n_samples": ev.get("fid_n_samples"), "fid_n_real": ev.get("fid_n_real"),
         "kid": ev.get("kid"), "kid_std": ev.get("kid_std"),
         "accuracy": ev.get("accuracy"), "n_test_real": ev.get("n_test_real"),
+        "per_class_accuracy": ev.get("per_class_accuracy"), "mean_per_class_accuracy": ev.get("mean_per_class_accuracy"),
+        "worst_class": ev.get("worst_class"),
         "n_synthetic": int(len(images)),
         "finetune_device": trained.get("device"), "finetune_precision": trained.get("precision"),
         "sampling_device": describe_device(device),
@@ -217,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         "KID": _kid_text(report),
         "downstream accuracy (real test)": f"{_percent(report['accuracy'])} ({fmt['n_test_real']} real test images, "
                                            f"CNN trained on {report['n_synthetic']} synthetic)",
+        "class fidelity: downstream CNN's real-test accuracy per class": _per_class_text(report),
         "fine-tuned on / precision": f"{report['finetune_device']} / {report['finetune_precision']}",
         "sampled on": report["sampling_device"],
         "time (s)": (f"sampling {fmt['seconds_sampling']}, evaluation {fmt['seconds_evaluation']}"

@@ -7,7 +7,8 @@ from dpldm.cli import main
 from dpldm.privacy.accountant import compute_epsilon
 
 FIELDS = {"epsilon", "delta", "sigma", "q", "steps", "trainable_parameters", "fid", "fid_n_samples", "kid",
-          "accuracy", "seconds_sampling", "seconds_evaluation"}
+          "accuracy", "per_class_accuracy", "mean_per_class_accuracy", "worst_class", "seconds_sampling",
+          "seconds_evaluation"}
 # a private fine-tune's duration grows with its realised Poisson batches: never in a private report
 TIMING_OF_PRIVATE_WORK = {"wall_time_s", "seconds_finetune"}
 
@@ -30,6 +31,14 @@ def test_demo_writes_full_report(tmp_path):
     assert 0.0 <= report["accuracy"] <= 1.0 and report["n_synthetic"] == 40
     assert (out / "samples_per_class.png").stat().st_size > 0
     assert "downstream accuracy" in (out / "report.md").read_text()
+    per_class = report["per_class_accuracy"]  # the downstream CNN's real-test recall, one per MNIST class
+    assert len(per_class) == 10 and all(0.0 <= a <= 1.0 for a in per_class)
+    assert abs(report["mean_per_class_accuracy"] - sum(per_class) / 10) < 1e-12  # every class has test images
+    assert per_class[report["worst_class"]] == min(per_class)
+    worst = report["worst_class"]
+    assert (f"| class fidelity: downstream CNN's real-test accuracy per class | mean "
+            f"{100 * report['mean_per_class_accuracy']:.1f}%, worst class {worst}: {100 * per_class[worst]:.1f}% |"
+            in (out / "report.md").read_text())
 
 
 def test_demo_reuses_a_model_only_for_the_same_training_settings(tmp_path, capsys):

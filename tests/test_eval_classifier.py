@@ -175,3 +175,46 @@ def test_bad_training_inputs_are_clear_errors(tiny_selected):
     rgb = np.repeat(x[:5, ..., None], 3, axis=-1)
     with pytest.raises(UserError, match="channel"):
         evaluate_once(tiny_selected, rgb, y[:5])
+
+
+def test_confusion_matrix_matches_a_per_example_loop_and_sklearn():
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    rng = np.random.default_rng(3)
+    true, pred = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    pred[:50] = true[:50]  # some agreement, so the diagonal is not chance only
+    loop = np.zeros((6, 6), dtype=np.int64)  # 6 classes: class 5 has no example at all
+    for t, p in zip(true, pred):
+        loop[t, p] += 1
+    got = clf.confusion_matrix(true, pred, 6)
+    np.testing.assert_array_equal(got, loop)
+    np.testing.assert_array_equal(got, sk_confusion(true, pred, labels=list(range(6))))
+    result = clf.RealTestResult(accuracy=float((true == pred).mean()), confusion=got)
+    per_class = result.per_class_accuracy
+    assert per_class[5] is None  # no test image of class 5: no accuracy, not 0
+    for c in range(5):
+        assert per_class[c] == pytest.approx(((pred == c) & (true == c)).sum() / (true == c).sum())
+    assert result.mean_per_class_accuracy == pytest.approx(np.mean(per_class[:5]))
+
+
+def test_downstream_reports_per_class_accuracy_of_its_own_predictions(monkeypatch):
+    """The dict's per-class numbers are the recall of the same predictions that give the accuracy."""
+    x, y = _toy()
+    xt, yt = _toy(60, seed=1)
+    seen = {}
+    real_predict = clf._predict
+
+    def spy(model, images, device, batch=512):
+        out = real_predict(model, images, device, batch)
+        seen["pred"] = out.clone()
+        return out
+
+    monkeypatch.setattr(clf, "_predict", spy)
+    res = clf.downstream_accuracy(x, y, xt, yt, config=TINY)
+    pred = seen["pred"].numpy()  # the last prediction made: the real test split's
+    assert res["accuracy"] == pytest.approx((pred == yt).mean())
+    for c in range(3):
+        assert res["per_class_accuracy"][c] == pytest.approx((pred[yt == c] == c).mean())
+    assert res["mean_per_class_accuracy"] == pytest.approx(np.mean(res["per_class_accuracy"]))
+    assert res["worst_class"] == int(np.argmin(res["per_class_accuracy"]))
+    assert np.asarray(res["confusion"]).sum() == len(yt)

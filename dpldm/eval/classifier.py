@@ -4,8 +4,10 @@
    train / validation, trains a small CNN and keeps the epoch with the best validation accuracy
    (early stopping with patience). It has no parameter for real data: model selection cannot
    see the real test split (DPImageBench: selecting on it overstates utility and breaks DP).
-2. `evaluate_once(selected, test_images, test_labels)` reports accuracy on the real test split.
-   A `SelectedClassifier` can be evaluated once; a second call is an error.
+2. `evaluate_once(selected, test_images, test_labels)` reports accuracy on the real test split
+   (`evaluate_once_detailed`: the same, with the confusion matrix and each class's accuracy: the
+   issue-16 class fidelity "read by the downstream CNN's real-test confusion"). A `SelectedClassifier` can be
+   evaluated once; a second call is an error.
 
 Images: uint8 (N, H, W) / (N, H, W, C) or float tensors (N, C, H, W) in [-1, 1]; 1 or 3
 channels, any size >= 8 (28x28 MNIST, 32x32 padded MNIST, ...). Test images of another size are
@@ -174,14 +176,42 @@ def match_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the protocol
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, batch: int = 512) -> float:
+def _predict(model: nn.Module, x: torch.Tensor, device: str, batch: int = 512) -> torch.Tensor:
+    """(N, C, H, W) -> (N,) predicted classes (on the CPU)."""
     model.eval()
-    correct = 0
     with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            logits = model(x[i:i + batch].to(device))
-            correct += int((logits.argmax(1).cpu() == y[i:i + batch]).sum())
-    return correct / max(1, len(x))
+        return torch.cat([model(x[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)]
+                         ) if len(x) else torch.zeros(0, dtype=torch.long)
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, batch: int = 512) -> float:
+    return int((_predict(model, x, device, batch) == y).sum()) / max(1, len(x))
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N,), (N,) -> (num_classes, num_classes) int64 counts: row = true class, column = predicted."""
+    true, predicted = np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    return np.bincount(true * num_classes + predicted, minlength=num_classes * num_classes
+                       ).reshape(num_classes, num_classes)
+
+
+@dataclass(frozen=True)
+class RealTestResult:
+    """One real-test evaluation: accuracy and the confusion matrix it comes from."""
+
+    accuracy: float
+    confusion: np.ndarray  # (num_classes, num_classes): row = true class, column = predicted
+
+    @property
+    def per_class_accuracy(self) -> list[Optional[float]]:
+        """Recall of each class (the fraction of its test images read as it); None without test images."""
+        totals = self.confusion.sum(1)
+        return [float(self.confusion[c, c] / totals[c]) if totals[c] else None for c in range(len(totals))]
+
+    @property
+    def mean_per_class_accuracy(self) -> float:
+        present = [a for a in self.per_class_accuracy if a is not None]
+        return float(np.mean(present)) if present else float("nan")
 
 
 def _stratified_split(y: np.ndarray, val_fraction: float, rng: np.random.Generator
@@ -279,6 +309,12 @@ def train_and_select(synthetic_images: ArrayLike, synthetic_labels: ArrayLike, *
 def evaluate_once(selected: SelectedClassifier, test_images: ArrayLike, test_labels: ArrayLike,
                   device: Optional[str] = None) -> float:
     """Accuracy of the selected classifier on the real test split; allowed once per classifier."""
+    return evaluate_once_detailed(selected, test_images, test_labels, device).accuracy
+
+
+def evaluate_once_detailed(selected: SelectedClassifier, test_images: ArrayLike, test_labels: ArrayLike,
+                           device: Optional[str] = None) -> RealTestResult:
+    """`evaluate_once` with the confusion matrix; the same one-evaluation rule."""
     if not isinstance(selected, SelectedClassifier):
         raise TypeError("evaluate_once takes the SelectedClassifier returned by train_and_select")
     if selected.evaluated:
@@ -292,7 +328,9 @@ def evaluate_once(selected: SelectedClassifier, test_images: ArrayLike, test_lab
     x = match_size(x, selected.image_size)
     selected.evaluated = True
     dev = device or next(selected.model.parameters()).device.type
-    return _accuracy(selected.model, x, y, dev)
+    predicted = _predict(selected.model, x, dev)  # (N,)
+    return RealTestResult(accuracy=int((predicted == y).sum()) / max(1, len(x)),
+                      confusion=confusion_matrix(y.numpy(), predicted.numpy(), selected.num_classes))
 
 
 def downstream_accuracy(synthetic_images: ArrayLike, synthetic_labels: ArrayLike,
@@ -302,9 +340,15 @@ def downstream_accuracy(synthetic_images: ArrayLike, synthetic_labels: ArrayLike
     """The whole protocol: `train_and_select` on synthetic data, then `evaluate_once` on real."""
     selected = train_and_select(synthetic_images, synthetic_labels, num_classes=num_classes,
                                 config=config, verbose=verbose)
-    acc = evaluate_once(selected, real_test_images, real_test_labels)
+    result = evaluate_once_detailed(selected, real_test_images, real_test_labels)
+    per_class = result.per_class_accuracy
+    present = [c for c, a in enumerate(per_class) if a is not None]
     return {
-        "accuracy": acc,
+        "accuracy": result.accuracy,
+        "per_class_accuracy": per_class,  # recall per class on the real test split (None: no test image)
+        "mean_per_class_accuracy": result.mean_per_class_accuracy,
+        "worst_class": min(present, key=lambda c: per_class[c]) if present else None,
+        "confusion": result.confusion.tolist(),  # row = true class, column = predicted
         "n_test_real": int(len(real_test_labels)),
         "n_train_synthetic": selected.n_train,
         "n_val_synthetic": selected.n_val,
@@ -316,5 +360,6 @@ def downstream_accuracy(synthetic_images: ArrayLike, synthetic_labels: ArrayLike
     }
 
 
-__all__ = ["ClassifierConfig", "SelectedClassifier", "SmallCNN", "downstream_accuracy",
-           "evaluate_once", "match_size", "to_float_nchw", "to_labels", "train_and_select"]
+__all__ = ["ClassifierConfig", "RealTestResult", "SelectedClassifier", "SmallCNN", "confusion_matrix",
+           "downstream_accuracy", "evaluate_once", "evaluate_once_detailed", "match_size", "to_float_nchw",
+           "to_labels", "train_and_select"]

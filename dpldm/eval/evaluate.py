@@ -129,6 +129,8 @@ def evaluate_synthetic(samples, labels=None, real_train=None, real_test=None,
             f"(trained on {res['n_train_synthetic']} synthetic, selected epoch "
             f"{res['selected_epoch']}/{res['epochs_run']} on {res['n_val_synthetic']} synthetic "
             f"validation images, val acc {100 * res['synthetic_val_accuracy']:.2f}%)")
+        say("  per class (real test, recall): " + ", ".join(
+            f"{c}: {'—' if a is None else f'{100 * a:.1f}%'}" for c, a in enumerate(res["per_class_accuracy"])))
     out["seconds_total"] = time.perf_counter() - t_start
     return out
 
