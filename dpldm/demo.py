@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         "per_class_accuracy": ev.get("per_class_accuracy"), "mean_per_class_accuracy": ev.get("mean_per_class_accuracy"),
         "worst_class": ev.get("worst_class"),
         "n_synthetic": int(len(images)),
+        "n_train_synthetic": ev.get("n_train_synthetic"), "n_val_synthetic": ev.get("n_val_synthetic"),
         "finetune_device": trained.get("device"), "finetune_precision": trained.get("precision"),
         "sampling_device": describe_device(device),
         "seconds_sampling": round(t_sample, 1), "seconds_evaluation": round(t_eval, 1),
@@ -227,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
         "FID (samples vs real train)": f"{fmt['fid']} ({fmt['fid_n_samples']} vs {fmt['fid_n_real']})",
         "KID": _kid_text(report),
         "downstream accuracy (real test)": f"{_percent(report['accuracy'])} ({fmt['n_test_real']} real test images, "
-                                           f"CNN trained on {report['n_synthetic']} synthetic)",
+                                           f"CNN trained on {report['n_train_synthetic']} synthetic, "
+                                           f"selected on {report['n_val_synthetic']} more)",
         "class fidelity: downstream CNN's real-test accuracy per class": _per_class_text(report),
         "fine-tuned on / precision": f"{report['finetune_device']} / {report['finetune_precision']}",
         "sampled on": report["sampling_device"],

@@ -29,6 +29,7 @@ def test_demo_writes_full_report(tmp_path):
     assert report["epsilon"] <= 10.0 + 1e-9
     assert report["fid_n_samples"] == 8 and report["fid"] > 0
     assert 0.0 <= report["accuracy"] <= 1.0 and report["n_synthetic"] == 40
+    assert report["n_train_synthetic"] + report["n_val_synthetic"] == report["n_synthetic"]
     assert (out / "samples_per_class.png").stat().st_size > 0
     assert "downstream accuracy" in (out / "report.md").read_text()
     per_class = report["per_class_accuracy"]  # the downstream CNN's real-test recall, one per MNIST class
