@@ -18,6 +18,7 @@ set (<out>/proxy_private_N.npz, public) and the proxy's fine-tuned models (<out>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import itertools
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke run ([quick] of the proxy config)")
     p.add_argument("--out", default=str(ROOT / "runs" / "tune_public"))
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the proxy's seed (DP noise, sampling, CNN) in place of the proxy config's: a second "
+                        "seed tells a real difference from one run's spread")
     p.add_argument("--baseline", action="store_true",
                    help="also score the public init model without fine-tuning (a reference row, never chosen)")
     return p.parse_args(argv)
@@ -232,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.threads <= 4096:
         raise UserError(f"--threads must lie in [1, 4096], got {args.threads}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must lie in [0, 2**63), got {args.seed}")
     if args.epsilon is not None and not (np.isfinite(args.epsilon) and args.epsilon > 0):
         raise UserError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
     out = Path(args.out)
@@ -239,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
         if anc.exists() and not anc.is_dir():
             raise UserError(f"--out {args.out}: cannot use it as the output folder, {anc} is a file")
     proxy, quick_sets = load_proxy_config(args.proxy, quick=args.quick)
+    if args.seed is not None:
+        proxy = dataclasses.replace(proxy, seed=args.seed)
     for s in args.set:
         key_of(s, "--set")
     sets = quick_sets + list(args.set)

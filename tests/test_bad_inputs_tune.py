@@ -63,6 +63,7 @@ ROWS = [
     Row("tune-epsilon-zero", ["--epsilon", "0"], "--epsilon must be a finite number > 0, got 0.0"),
     Row("tune-epsilon-nan", ["--epsilon", "nan"], "--epsilon must be a finite number > 0, got nan"),
     Row("tune-threads-zero", ["--threads", "0"], "--threads must lie in [1, 4096], got 0"),
+    Row("tune-seed-negative", ["--seed", "-1"], "--seed must lie in [0, 2**63), got -1"),
     Row("tune-unknown-flag", ["--bogus"], "unrecognized arguments: --bogus"),
     Row("tune-recipe-missing", ["--recipe", "<case>/nope.toml"], "<case>/nope.toml: config file not found"),
     Row("tune-recipe-classes", ["--set", "data.num_classes=5"],

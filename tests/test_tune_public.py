@@ -163,7 +163,7 @@ def test_quick_end_to_end_without_private_data(tmp_path, monkeypatch, capsys):
     out = tmp_path / "tune"
     tool = load_tool()
     rc = tool.main(["--quick", "--grid", "diffusion.guidance_scale=1,2", "--out", str(out), "--threads", "1",
-                    "--baseline"])
+                    "--baseline", "--seed", "3"])
     text = capsys.readouterr().out
     assert rc == 0
     rows = text.split(tool.TABLE_HEADER, 1)[1].strip().splitlines()[1:4]
@@ -183,5 +183,6 @@ def test_quick_end_to_end_without_private_data(tmp_path, monkeypatch, capsys):
     meta = json.loads((ft / "model" / "meta.json").read_text())
     assert str(out / "proxy_private_64.npz") in meta["private_data"]
     assert meta["config"]["data"]["private"] == str(out / "proxy_private_64.npz")
+    assert meta["config"]["train"]["seed"] == 3 and report["proxy"]["seed"] == 3  # --seed reaches the DP run
     assert report["baseline"]["name"] == tool.BASELINE and "fidelity" in report["baseline"]
     assert report["proxy_num_examples"] == 64 and report["candidates"][0]["num_examples"] == 64
