@@ -18,7 +18,8 @@ from torch import nn
 import dpldm.kernels as K
 from dpldm.kernels.linear import split_bf16
 from dpldm.privacy import BookKeepingEngine
-from dpldm.privacy.layers import LinearRule, autocast_input_dtype
+from dpldm.privacy.layers import LinearRule
+from dpldm.privacy.recording_fns import autocast_input_dtype
 from helpers import make, rel
 
 C = 0.02  # below every example's gradient norm here: all examples are clipped
