@@ -134,6 +134,19 @@ def test_match_sample_rate_keeps_sigma():
     assert calibrate_noise(10.0, 1e-5, q40, 40, "rdp", epsilon_tolerance=1e-3) == pytest.approx(sigma, rel=0.01)
 
 
+def test_schedule_proxy_is_the_default_proxy_with_the_recipes_steps():
+    """configs/proxy/digits_schedule.toml (lr, warm-up, EMA are chosen with it) must differ from
+    digits.toml in the number of DP steps only, and that number must be 0 (= the recipe's)."""
+    import dataclasses
+
+    from dpldm.eval.proxy import load_proxy_config
+
+    default, _ = load_proxy_config(REPO / "configs" / "proxy" / "digits.toml")
+    schedule, _ = load_proxy_config(REPO / "configs" / "proxy" / "digits_schedule.toml")
+    assert default.steps > 0 and schedule.steps == 0
+    assert schedule == dataclasses.replace(default, steps=0)
+
+
 # -- the tool -----------------------------------------------------------------------------------------
 
 def test_choose_is_first_argmax():
