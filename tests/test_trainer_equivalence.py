@@ -4,7 +4,7 @@ EMA and optimizer state after 3 logical steps of the demo UNet with seeded noise
 frozen weights live in DeepSpeed's partitioned buffers and are gathered for each forward; the same
 forward pass then differs in the last bits (measured: 7e-7 on the UNet output, the same weights
 bit for bit -- the CPU kernels take other paths on the gathered buffers), so ZeRO-3 is checked to
-fp32 rounding (1e-5 relative) instead.
+fp32 rounding (1e-5 relative; weights to 1e-4 of Adam's largest move, `weight_atol`) instead.
 
 Why this can hold exactly: the global Poisson sample is cut into chunks that depend only on the
 sample and the physical batch size, each chunk is computed the same way on whichever rank gets it,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def recipe(npz: Path) -> list[str]:
             "train.deterministic=true", "train.not_private=true", "train.seed=11", "train.threads=1",
             "train.checkpoint_every=1", "train.log_every=1", "train.wandb=false", "train.warmup_steps=0"]
     return ["--config", str(ROOT / "configs" / "demo.toml")] + [a for s in sets for a in ("--set", s)]
+
+
+def weight_atol() -> float:
+    """Absolute tolerance on weights (and their EMA) for the ZeRO-3 comparison. Adam moves every weight by
+    up to about lr per step whatever the gradient's size, so a last-bit difference in a near-zero
+    gradient element becomes a difference proportional to lr in its weight (measured: 1.5e-7 after 3
+    steps at lr 4e-3, i.e. 1.2e-5 of the largest possible move). Allowed: 1e-4 of that largest move, so
+    the bound follows the recipe's lr; a real divergence (a missing chunk, other noise) moves weights
+    by a sizeable fraction of lr."""
+    lr = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())["train"]["lr"]
+    return 1e-4 * STEPS * lr
 
 
 def final_state(run: Path) -> dict[str, torch.Tensor]:
@@ -71,7 +83,8 @@ def test_bit_identical_to_single_process(runs, other):
     assert moved > 0  # three steps moved the weights away from their EMA: the comparison is not vacuous
     if other == "rank2_zero3":
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+            atol = weight_atol() if k.startswith(("train.", "ema.")) else 1e-7
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
         return
     differ = [k for k in ref if not torch.equal(ref[k], got[k])]
     assert not differ, f"{len(differ)} of {len(ref)} tensors differ from one process, e.g. {differ[:4]}"
