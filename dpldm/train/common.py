@@ -30,6 +30,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (overrides train.out_dir)")
     parser.add_argument("--no-wandb", action="store_true", help="turn wandb logging off")
     parser.add_argument("--resume", action="store_true", help="continue from the newest step checkpoint in the run folder")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
+                        help="stop after N more steps of this invocation (checkpoint, exit 0; continue with --resume)")
     add_device_argument(parser, default=None)  # None: the recipe's train.device (default auto)
 
 
@@ -101,3 +103,47 @@ def check_resume_config(cfg: RunConfig, saved: dict[str, Any], sections: tuple[s
 def refuse_to_clobber(run_dir: Path, resume: bool) -> None:
     if not resume and list_step_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds step checkpoints: pass --resume to continue, or pick another --out")
+
+
+class PretrainStop:
+    """When a pretraining loop stops early: SIGTERM / SIGUSR1 / SIGINT, a STOP file in the run
+    folder, or `--max-steps` steps taken by this invocation. The loop checkpoints, says how to
+    continue and exits 0 (a second SIGINT/SIGTERM stops at once, see run_folder.StopRequest)."""
+
+    def __init__(self, run_dir: Path, start: int, max_steps: int | None, total: int, resume_hint: str) -> None:
+        from dpldm.train.run_folder import StopRequest
+
+        if max_steps is not None and max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1, got {max_steps}")
+        if start > total:
+            raise UserError(f"--resume: {run_dir} already holds step {start}, more than the recipe's {total} steps; "
+                            f"the saved model would claim a {total}-step recipe it did not follow (raise the step "
+                            "count, or start a new run)")
+        self.run_dir, self.hint, self.total = run_dir, resume_hint, total
+        self.stop_at = total if max_steps is None else min(total, start + max_steps)
+        self.signals = StopRequest()
+        self.reason: str | None = None
+
+    def requested(self, done: int) -> bool:
+        """Called after each step; True when the loop should checkpoint and stop now."""
+        from dpldm.train.run_folder import STOP_FILE
+
+        if done >= self.total:  # the last step: the loop finishes and saves the model
+            return False
+        if self.signals.signal_name:
+            self.reason = self.signals.signal_name
+        elif (self.run_dir / STOP_FILE).exists():
+            self.reason = STOP_FILE
+        elif done >= self.stop_at:
+            self.reason = "--max-steps"
+        return self.reason is not None
+
+    def finish(self, done: int, job: str) -> None:
+        from dpldm.train.run_folder import STOP_FILE
+
+        self.signals.restore()
+        if self.reason == STOP_FILE:
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # honoured: the resumed run trains on
+        if self.reason is not None:
+            print(f"[{job}] stopped at step {done} ({self.reason}); checkpoint written. Continue with: {self.hint}",
+                  flush=True)

@@ -27,7 +27,7 @@ from dpldm.models.autoencoder import Autoencoder
 from dpldm.models.ldm import save_autoencoder
 from dpldm.data.public import HELD_OUT_MAX, PublicMemory, PublicStream, shard_folder_of
 from dpldm.train.common import (add_common_arguments, check_resume_config, load_optimizer_tensors, optimizer_tensors,
-                                refuse_to_clobber, resolve_config, run_device, set_threads, step_generator,
+                                refuse_to_clobber, resolve_config, PretrainStop, run_device, set_threads, step_generator,
                                 warmup_scheduler)
 from dpldm.utils.device import describe_device
 from dpldm.utils.logging import RunLogger
@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         start = int(meta["step"])
         wall_before, last, position = meta.get("train_wall_s"), meta.get("last_stats"), meta.get("public_stream")
 
+    stop = PretrainStop(run_dir, start, args.max_steps, tc.ae_steps, f"dpldm pretrain-ae ... --out {run_dir} --resume")
     data = open_public_data(cfg, tc.ae_batch_size, device, position)
     total, trainable = sum(p.numel() for p in ae.parameters()), sum(p.numel() for p in ae.parameters() if p.requires_grad)
     logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.ae_steps, initial_step=start, job="pretrain-ae",
@@ -147,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
 
     def wall() -> float | None:
         return None if wall_before is None else round(wall_before + time.time() - t0, 1)
+
+
+    def checkpoint(done: int) -> None:
+        opt_tensors, opt_meta = optimizer_tensors(opt)
+        save_step_checkpoint(run_dir, done, {**prefixed("model", ae.state_dict()), **opt_tensors},
+                             {"kind": KIND, "config": cfg.to_dict(), "optimizer": opt_meta,
+                              "scheduler": sched.state_dict(), "last_stats": last, "train_wall_s": wall(),
+                              "public_stream": data.position},
+                             keep=tc.keep_checkpoints)
 
     try:
         for step in range(start, tc.ae_steps):
@@ -165,13 +175,12 @@ def run(args: argparse.Namespace) -> int:
             if done % tc.log_every == 0 or done == tc.ae_steps:
                 logger.log(done, {**last, "grad_norm": grad_norm.item(),
                                   "lr": sched.get_last_lr()[0], "steps_per_s": (done - start) / (time.time() - t0)})
-            if done % tc.checkpoint_every == 0 or done == tc.ae_steps:
-                opt_tensors, opt_meta = optimizer_tensors(opt)
-                save_step_checkpoint(run_dir, done, {**prefixed("model", ae.state_dict()), **opt_tensors},
-                                     {"kind": KIND, "config": cfg.to_dict(), "optimizer": opt_meta,
-                                      "scheduler": sched.state_dict(), "last_stats": last, "train_wall_s": wall(),
-                                      "public_stream": data.position},
-                                     keep=tc.keep_checkpoints)
+            stopping = stop.requested(done)
+            if done % tc.checkpoint_every == 0 or done == tc.ae_steps or stopping:
+                checkpoint(done)
+            if stopping:
+                stop.finish(done, "pretrain-ae")
+                return 0
         held_out, which = held_out_images(cfg, data)
         mse = reconstruction_mse(ae, held_out)
         logger.log(tc.ae_steps, {f"{which}_mse": mse})
@@ -181,5 +190,6 @@ def run(args: argparse.Namespace) -> int:
         what = "held-out" if which == "heldout" else f"training-set ({which}; a shard folder has no test split)"
         logger.info(f"[pretrain-ae] {what} reconstruction MSE {mse:.5f} (pixels in [-1, 1]); model saved to {out}")
     finally:
+        stop.signals.restore()
         logger.close()
     return 0

@@ -32,7 +32,7 @@ from dpldm.models.ldm import LatentDiffusion, load_autoencoder, save_ldm
 from dpldm.models.selection import count_parameters
 from dpldm.data.public import PublicMemory, PublicStream
 from dpldm.train.common import (add_common_arguments, check_resume_config, load_optimizer_tensors, optimizer_tensors,
-                                refuse_to_clobber, resolve_config, run_device, set_threads, step_generator,
+                                refuse_to_clobber, resolve_config, run_device, PretrainStop, set_threads, step_generator,
                                 warmup_scheduler)
 from dpldm.train.pretrain_ae import describe_public, open_public_data
 from dpldm.utils.device import describe_device
@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         start = int(meta["step"])
         wall_before, last_loss = meta.get("train_wall_s"), (meta.get("last_stats") or {}).get("loss")
 
+    stop = PretrainStop(run_dir, start, args.max_steps, tc.steps,
+                        f"dpldm pretrain-ldm ... --autoencoder {args.autoencoder} --out {run_dir} --resume")
     total, trainable = count_parameters(unet)
     logger = RunLogger(run_dir, cfg, use_wandb=tc.wandb, total_steps=tc.steps, initial_step=start, job="pretrain-ldm",
                        resume=start > 0)
@@ -160,6 +162,15 @@ def run(args: argparse.Namespace) -> int:
 
     def wall() -> float | None:
         return None if wall_before is None else round(wall_before + time.time() - t0, 1)
+
+    def checkpoint(done: int) -> None:
+        opt_tensors, opt_meta = optimizer_tensors(opt)
+        tensors = {**prefixed("model", unet.state_dict()), **prefixed("ema", ldm.ema.state_dict()), **opt_tensors}
+        save_step_checkpoint(run_dir, done, tensors,
+                             {"kind": KIND, "config": cfg.to_dict(), "optimizer": opt_meta,
+                              "scheduler": sched.state_dict(), "scale_factor": scale,
+                              "last_stats": {"loss": last_loss}, "train_wall_s": wall(),
+                              "public_stream": data.position}, keep=tc.keep_checkpoints)
 
     try:
         for step in range(start, tc.steps):
@@ -181,14 +192,12 @@ def run(args: argparse.Namespace) -> int:
             if done % tc.log_every == 0 or done == tc.steps:
                 logger.log(done, {"loss": last_loss, "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
                                   "steps_per_s": (done - start) / (time.time() - t0)})
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
-                opt_tensors, opt_meta = optimizer_tensors(opt)
-                tensors = {**prefixed("model", unet.state_dict()), **prefixed("ema", ldm.ema.state_dict()), **opt_tensors}
-                save_step_checkpoint(run_dir, done, tensors,
-                                     {"kind": KIND, "config": cfg.to_dict(), "optimizer": opt_meta,
-                                      "scheduler": sched.state_dict(), "scale_factor": scale,
-                                      "last_stats": {"loss": last_loss}, "train_wall_s": wall(),
-                                      "public_stream": data.position}, keep=tc.keep_checkpoints)
+            stopping = stop.requested(done)
+            if done % tc.checkpoint_every == 0 or done == tc.steps or stopping:
+                checkpoint(done)
+            if stopping:
+                stop.finish(done, "pretrain-ldm")
+                return 0
         out = save_ldm(run_dir / "model", ldm, {"steps": tc.steps, "last_loss": last_loss,
                                                 "autoencoder": str(args.autoencoder),
                                                 "autoencoder_heldout_mse": ae_meta.get("heldout_mse"),
@@ -201,5 +210,6 @@ def run(args: argparse.Namespace) -> int:
         logger.info(f"[pretrain-ldm] EMA samples ({dc.sampler}, {dc.sample_steps} steps, guidance "
                     f"{dc.guidance_scale}) in {grid}")
     finally:
+        stop.signals.restore()
         logger.close()
     return 0
