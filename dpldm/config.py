@@ -45,6 +45,7 @@ MAX_BLOCKS = 64  # res blocks / transformer depth / heads
 MAX_CLASSES = 1_000_000
 MAX_IMAGE_SIZE = 8192
 MAX_TIMESTEPS = 100_000
+SAMPLERS = ("ddim", "dpmpp-2m", "unipc", "ddpm")  # dpldm.diffusion.schedulers.sample
 MAX_STEPS = 10**9
 MAX_LR = 10.0  # AdamW learning rates above this diverge on the first steps
 
@@ -124,7 +125,7 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     timesteps_per_example: int = 1  # K: losses of one example are averaged before clipping
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | dpmpp-2m | unipc (diffusers' schedulers) | ddpm (ours, all T steps)
     sample_steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
@@ -137,7 +138,9 @@ class DiffusionConfig:
         _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start/beta_end", "need 0 < start < end < 1")
         _require(1 <= self.timesteps_per_example <= 1024, "diffusion.timesteps_per_example",
                  f"must lie in [1, 1024], got {self.timesteps_per_example}")
-        _require(self.sampler in ("ddim", "ddpm"), "diffusion.sampler", f"must be ddim|ddpm, got {self.sampler!r}")
+        _require(self.sampler in SAMPLERS, "diffusion.sampler", f"must be {'|'.join(SAMPLERS)}, got {self.sampler!r}")
+        _require(self.eta == 0 or self.sampler in ("ddim", "ddpm"), "diffusion.eta",
+                 f"eta = {self.eta} needs sampler ddim ({self.sampler} is a deterministic solver)")
         _require(1 <= self.sample_steps <= self.timesteps, "diffusion.sample_steps", "must lie in [1, timesteps]")
         _require(0 <= self.eta <= 1, "diffusion.eta", f"must lie in [0, 1], got {self.eta}")
         _require(self.guidance_scale >= 0, "diffusion.guidance_scale", "must be >= 0")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpldm.config import SAMPLERS
 from dpldm.errors import UserError
 from dpldm.utils.device import add_device_argument
 
@@ -51,11 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output file (grid, npz) or folder (png-dir); "
                         f"default {', '.join(f'{v} ({k})' for k, v in DEFAULT_OUT.items())}")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--steps", type=int, help="DDIM steps, 1..diffusion.timesteps (default diffusion.sample_steps)")
+    parser.add_argument("--steps", type=int, help="sampler steps, 1..diffusion.timesteps (default diffusion.sample_steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default diffusion.eta)")
     parser.add_argument("--guidance", type=float,
                         help="classifier-free guidance scale >= 0; 1 = conditional only (default diffusion.guidance_scale)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), help="default diffusion.sampler")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="ddim, dpmpp-2m, unipc: diffusers' schedulers; ddpm: "
+                        "ancestral over all T steps (default diffusion.sampler)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (>= 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward batch (default 64)")
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw UNet weights instead of the EMA")
@@ -93,8 +95,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {args.eta:g}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.sampler == "ddpm" and args.eta is not None:
-        raise UserError("--eta applies to --sampler ddim only (ddpm draws the posterior variance)")
+    if args.sampler not in (None, "ddim") and args.eta is not None:
+        raise UserError(f"--eta applies to --sampler ddim only ({args.sampler} "
+                        f"{'draws the posterior variance' if args.sampler == 'ddpm' else 'is a deterministic solver'})")
     for flag, value, low in (("--per-class", args.per_class, 1), ("--batch-size", args.batch_size, 1),
                              ("--seed", args.seed, 0), ("--upscale", args.upscale, 1), ("--threads", args.threads, 0)):
         if value is not None and value < low:
@@ -180,7 +183,7 @@ def generate(ldm, labels: torch.Tensor, *, steps: int, eta: float, guidance: flo
     (nothing is written from it)."""
     from tqdm import tqdm
 
-    from dpldm.diffusion.sampling import ddim_sample, ddpm_sample
+    from dpldm.diffusion.schedulers import sample as sample_latents
 
     unet = ldm.sampling_unet(use_ema)
     out = []
@@ -191,10 +194,7 @@ def generate(ldm, labels: torch.Tensor, *, steps: int, eta: float, guidance: flo
         shape = (y.shape[0], *ldm.latent_shape)
         x_T = initial_noise(seed, start, y.shape[0], ldm.latent_shape).to(device)  # (B, Z, h, w)
         g = torch.Generator().manual_seed((seed << 32) + (1 << 31) + b)  # per-step noise (eta > 0, ddpm)
-        if sampler == "ddim":
-            z = ddim_sample(unet, ldm.schedule, y, shape, steps, eta, guidance, x_T=x_T, generator=g)
-        else:
-            z = ddpm_sample(unet, ldm.schedule, y, shape, guidance, x_T=x_T, generator=g)
+        z = sample_latents(unet, ldm.schedule, y, shape, sampler, steps, eta, guidance, x_T=x_T, generator=g)
         x = ldm.decode(z).float().cpu()  # (B, C, H, W)
         if not bool(torch.isfinite(x).all()):
             bar.close()
@@ -257,11 +257,11 @@ def run(args: argparse.Namespace) -> int:
         else list(range(min(ldm.cfg.data.num_classes, num_classes)))
     sampler = args.sampler or d.sampler
     steps = d.sample_steps if args.steps is None else args.steps
-    if sampler == "ddim" and not 1 <= steps <= d.timesteps:
+    if sampler != "ddpm" and not 1 <= steps <= d.timesteps:
         raise UserError(f"--steps must lie in [1, {d.timesteps}] (diffusion.timesteps of the model), got {steps}")
     if sampler == "ddpm" and args.steps is not None and args.steps != d.timesteps:
         raise UserError(f"--steps {args.steps}: --sampler ddpm always runs all {d.timesteps} steps; use ddim")
-    eta = d.eta if args.eta is None else args.eta
+    eta = (d.eta if args.eta is None else args.eta) if sampler == "ddim" else 0.0
     guidance = d.guidance_scale if args.guidance is None else args.guidance
     out = check_out(args)
     per_class = DEFAULT_PER_CLASS if args.per_class is None else args.per_class

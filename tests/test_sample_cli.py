@@ -29,14 +29,20 @@ def sample(model, out, *extra):
                  "--guidance", "2", *extra])
 
 
+def leading(T, steps):
+    """The "leading" timesteps of diffusers' DDIMScheduler ((n-1-i) * (T//n)), computed here."""
+    return [(steps - 1 - i) * (T // steps) for i in range(steps)]
+
+
 def reference(model, labels, seed=0, steps=3, guidance=2.0):
-    """uint8 (N, 16, 16): sample i alone, from x_T = randn of generator (seed << 32) + i."""
+    """uint8 (N, 16, 16): sample i alone, from x_T = randn of generator (seed << 32) + i, by our own DDIM (the
+    reference for diffusers' DDIMScheduler that `dpldm sample` runs)."""
     ldm = load_ldm(model)
     out = []
     for i, y in enumerate(labels):
         x_T = torch.randn(ldm.latent_shape, generator=torch.Generator().manual_seed((seed << 32) + i))[None]
         z = ddim_sample(ldm.ema.module, ldm.schedule, torch.tensor([int(y)]), (1, *ldm.latent_shape), steps, 0.0,
-                        guidance, x_T=x_T)
+                        guidance, x_T=x_T, timesteps=leading(ldm.schedule.num_timesteps, steps))
         img = ldm.decode(z)[0, 0]  # (16, 16) in [-1, 1]
         out.append(((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
     return np.stack(out)

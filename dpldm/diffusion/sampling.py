@@ -1,4 +1,7 @@
-"""Samplers: DDPM ancestral sampling and DDIM (eta), with classifier-free guidance.
+"""Our own samplers: DDPM ancestral sampling and DDIM (eta), with classifier-free guidance.
+
+Runs sample with diffusers' schedulers (`dpldm.diffusion.schedulers.sample`); `ddpm_sample` is
+the "ddpm" sampler there, and `ddim_sample` the float64 reference its DDIM is tested against.
 
 Guidance: eps = eps_uncond + w * (eps_cond - eps_uncond); w = 1 is the plain conditional
 prediction (and skips the unconditional pass), w = 0 the unconditional one.
@@ -68,12 +71,14 @@ def ddpm_sample(unet: nn.Module, schedule: DiffusionSchedule, y: torch.Tensor, s
 @torch.no_grad()
 def ddim_sample(unet: nn.Module, schedule: DiffusionSchedule, y: torch.Tensor, shape: tuple[int, ...],
                 steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0, x_T: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021) over `steps` uniformly spaced timesteps; eta = 0 is deterministic."""
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                timesteps: list[int] | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021) over `steps` uniformly spaced timesteps (or the descending `timesteps`
+    given); eta = 0 is deterministic. The reference for diffusers' DDIMScheduler (tests)."""
     device = y.device
     draw = _noise_source(shape, noise, generator, device, torch.float32)
     x = x_T.to(device, torch.float32) if x_T is not None else draw_initial(shape, generator, device)  # (B, C, h, w)
-    ts = ddim_timesteps(schedule.num_timesteps, steps)
+    ts = ddim_timesteps(schedule.num_timesteps, steps) if timesteps is None else [int(t) for t in timesteps]
     for i, t in enumerate(ts):
         abar = schedule.alphas_cumprod[t].item()
         abar_prev = schedule.alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
@@ -90,14 +95,3 @@ def ddim_sample(unet: nn.Module, schedule: DiffusionSchedule, y: torch.Tensor, s
 def draw_initial(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
-
-
-def sample(unet: nn.Module, schedule: DiffusionSchedule, y: torch.Tensor, shape: tuple[int, ...], sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latent samples (B, C, h, w) for labels y (B,) with the named sampler ("ddim" | "ddpm")."""
-    if sampler == "ddim":
-        return ddim_sample(unet, schedule, y, shape, steps, eta, guidance_scale, generator=generator)
-    if sampler == "ddpm":
-        return ddpm_sample(unet, schedule, y, shape, guidance_scale, generator=generator)
-    raise ValueError(f"sampling: unknown sampler {sampler!r} (ddim | ddpm)")

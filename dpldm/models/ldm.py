@@ -20,7 +20,7 @@ from torch import nn
 from dpldm.checkpoint import CheckpointError, load_checkpoint, prefixed, save_checkpoint, unprefixed
 from dpldm.config import RunConfig
 from dpldm.diffusion.ema import EMA
-from dpldm.diffusion.sampling import sample as sample_latents
+from dpldm.diffusion.schedulers import sample as sample_latents
 from dpldm.diffusion.schedule import DiffusionSchedule
 from dpldm.models.autoencoder import Autoencoder
 from dpldm.models.unet import UNet
