@@ -119,13 +119,14 @@ class DPStep:
                                    f"allowed only in {phases}. Order: begin_step, accumulate*, add_noise, reduce, "
                                    "scale, step")
 
-    def probe(self, public_batch: Any) -> None:
-        """Set-up, before any private chunk: one discarded forward+backward of a PUBLIC batch through
-        the engine (BookKeepingEngine.probe): refuses a model that writes state in forward or draws
-        from a global RNG, and leaves a kernel selector measured on public shapes only. Touches no
-        accumulator, count, noise or ledger."""
+    def probe(self, public_batch: Any, *, low_precision: bool = False) -> None:
+        """Set-up, before any private chunk: discarded forward+backward passes of a PUBLIC batch through
+        the engine (BookKeepingEngine.probe): refuses a model that writes state in forward, draws
+        from a global RNG, or (batch of >= 2) mixes examples -- each example's loss must depend on
+        that example alone --, and leaves a kernel selector measured on public shapes only. Touches
+        no accumulator, count, noise or ledger."""
         self._need("idle", part="probe")
-        self.engine.probe(self.loss_fn, public_batch)
+        self.engine.probe(self.loss_fn, public_batch, low_precision=low_precision)
 
     # -- named parts ---------------------------------------------------------------------------------
     def begin_step(self) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch import nn
 
 from dpldm.errors import InputError
 from dpldm.privacy.groups import LinearGroup, group_shared_inputs
+from dpldm.privacy.independence import batch_size_of, check_independence
 from dpldm.privacy.layers import LayerRule, RowMismatchError, UnsupportedLayerError, rule_for
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
@@ -84,7 +85,8 @@ class BookKeepingEngine:
     whose forward draws from torch's global random generator (dropout with p > 0, RReLU,
     nn.MultiheadAttention with dropout; see _check_randomness). `probe(loss_fn, public_batch)`
     is the generic check a trainer runs once at set-up: one forward+backward of a public batch
-    that must change no parameter or buffer and draw nothing from the global generators.
+    that must change no parameter or buffer and draw nothing from the global generators, and,
+    for a batch of two or more, per-example independence (no op may mix examples).
 
     backend / norm_method "auto": with `selector` (a dpldm.kernels.selection.KernelSelector) each
     distinct public layer shape is timed once and the fastest kernel kept; with selector=None a
@@ -217,7 +219,8 @@ class BookKeepingEngine:
                     "(the DP bound fails); put the model in eval mode (model.eval(): dropout off, GroupNorm/"
                     "LayerNorm unchanged) or make the module deterministic (dropout p = 0)")
 
-    def probe(self, per_example_loss_fn: PerExampleLossFn, batch: Any, *, where: str = "set-up probe") -> None:
+    def probe(self, per_example_loss_fn: PerExampleLossFn, batch: Any, *, where: str = "set-up probe",
+              low_precision: bool = False) -> None:
         """The generic set-up check: one forward+backward of a PUBLIC `batch` (its result is thrown
         away) must change no parameter or buffer of the model (a forward that writes state --
         running statistics, in-place renormalisation, a cache, a counter -- would carry private
@@ -225,7 +228,11 @@ class BookKeepingEngine:
         random generators (CPU, and the CUDA devices of the parameters; randomness must be keyed
         on (secret seed, step, example), as dpldm's diffusion draws are). On refusal the changed
         tensors and the generators are put back as they were. With a kernel selector, this pass
-        also measures every public layer shape before any private chunk exists."""
+        also measures every public layer shape before any private chunk exists. With two or more
+        examples in `batch`, each example's loss must also depend on that example alone: the
+        batch's clipped sum must equal the sum of its examples' clipped sums computed one at a
+        time (dpldm.privacy.independence; `low_precision`: the forward runs under bf16/fp16
+        autocast, a looser rounding tolerance)."""
         devices = sorted({t.device for t in self.model.parameters() if t.device.type == "cuda"}, key=str)
         before = _state_copy(self.model)
         rng = _global_rng_states(devices)
@@ -254,6 +261,10 @@ class BookKeepingEngine:
                 f"({', '.join(moved)}): such draws are consumed row by row, so one example's randomness depends on "
                 "the other examples and the DP bound fails; key every draw on (secret seed, step, example) as "
                 "dpldm.train.draws does, or remove it (eval mode turns dropout off)")
+        if (batch_size_of(batch) or 0) >= 2:
+            def sums(b: Any) -> dict[str, torch.Tensor]:
+                return self.clipped_sums(per_example_loss_fn, b, acc_dtype=torch.float64, where=where).sums
+            check_independence(sums, batch, self.max_grad_norm, low_precision=low_precision, where=where)
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:

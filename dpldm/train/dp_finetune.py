@@ -23,8 +23,9 @@ by default. A `--not-private` run (seeded, epsilon = inf) also logs steps/s and 
 
 What reaches the private chunks is covered by the guarantee: the whole UNet runs in eval mode
 (dropout off; GroupNorm/LayerNorm behave the same), and at set-up one discarded forward+backward
-of a PUBLIC dummy batch (DPStep.probe) must change no parameter or buffer and draw nothing from
-torch's global RNG; the kernel selector measures on public shapes in that pass, after reading
+of a PUBLIC synthetic batch (DPStep.probe) must change no parameter or buffer, draw nothing from
+torch's global RNG, and give each example the same clipped gradient alone as in the batch (no op
+may mix examples: dpldm.privacy.independence); the kernel selector measures on public shapes in that pass, after reading
 free memory before any private data, and is frozen before the first private chunk. A sample grid
 is written only at a step already checkpointed (checkpoint, then grid), so a crash never re-runs
 a step whose grid was released. See dp_state.py for the checkpoint schema and the resume rule,
@@ -48,6 +49,7 @@ from dpldm.train.dp_state import InitInfo
 
 RESULT_PREFIX = "RESULT_JSON "
 KERNEL_CHOICES = "kernel_selection.json"  # the measured kernel choices of a run (public shapes only)
+PROBE_EXAMPLES, PROBE_SEED = 3, 0  # the set-up probe's public synthetic batch (per-example independence)
 RESUME_MODES = ("never", "auto", "must")
 
 
@@ -331,17 +333,22 @@ class Trainer:
                           scheduler=self.scheduler)
         self.dummy = ChunkBatch(torch.zeros((1, *latent_shape(cfg))), torch.zeros(1, dtype=torch.int64),
                                 torch.zeros(1, dtype=torch.int64), 0)  # public, discarded (ZeRO-3 lock-step, probe)
+        g = torch.Generator().manual_seed(PROBE_SEED)  # public synthetic latents: nothing private in the probe
+        n = PROBE_EXAMPLES
+        self.probe_batch = ChunkBatch(torch.randn((n, *latent_shape(cfg)), generator=g),
+                                      torch.arange(n, dtype=torch.int64) % cfg.data.num_classes,
+                                      torch.arange(n, dtype=torch.int64), 0)
         self._probe()
         self.model.sync_check()
         self.resumed_from = str(resumed[2]) if resumed is not None else None
         self.saved_by = resumed[1]["world_size"] if resumed is not None else None
 
     def _probe(self) -> None:
-        """Before the first private chunk (collective): one discarded forward+backward of the PUBLIC
-        dummy batch must change no parameter or buffer and draw nothing from torch's global RNG
-        (DPStep.probe), and measures every kernel choice on public shapes; then every rank adopts
+        """Before the first private chunk (collective): discarded forward+backward passes of the PUBLIC
+        synthetic probe batch must change no parameter or buffer, draw nothing from torch's global RNG
+        and mix no examples (DPStep.probe), and measures every kernel choice on public shapes; then every rank adopts
         rank 0's choices and the selector is frozen (no measurement beside private data)."""
-        self.dp.probe(self.dummy)
+        self.dp.probe(self.probe_batch, low_precision=self.cfg.train.precision != "fp32")
         if self.stage == 3:
             self.model.after_backward()
         if self.selector is not None:
