@@ -193,6 +193,14 @@ def _resume_all_corrupt(env: Env, out: Path) -> list[str]:
     return ft(env, out, "--resume")
 
 
+def _resume_newest_corrupt(env: Env, out: Path) -> list[str]:
+    shutil.copytree(env.one_step_run, out)
+    newer = out / "checkpoints" / "step_00000002"
+    shutil.copytree(out / "checkpoints" / "step_00000001", newer)
+    _truncate(newer / "tensors.safetensors", 0.5)  # the newest of two is corrupt, the older one loads
+    return ft(env, out, "--resume")
+
+
 def _resume_changed(env: Env, out: Path) -> list[str]:
     shutil.copytree(env.one_step_run, out)
     return ft(env, out, "--resume", sets=("privacy.max_grad_norm=0.7",))
@@ -350,6 +358,8 @@ ROWS = [
         "checkpoint folder not found"),
     Row("resume-all-checkpoints-corrupt", "`--resume` when every step checkpoint is corrupt", _resume_all_corrupt,
         "none of its 1 step checkpoint(s) can be loaded"),
+    Row("resume-newest-checkpoint-corrupt", "`--resume` when the newest of several step checkpoints is corrupt",
+        _resume_newest_corrupt, "newest checkpoint cannot be loaded"),
     Row("resume-config-changed", "`--resume` with a changed privacy section", _resume_changed,
         "settings that define the run changed (privacy.max_grad_norm: checkpoint 1.0 != now 0.7)"),
     # the one trainer: privacy fails closed, run folders, devices (issues 11, 13)

@@ -5,7 +5,8 @@
   the accounted epsilon equal an uninterrupted run; a second trainer started on the same run
   folder meanwhile exits 2 at once (the folder is locked) and changes nothing;
 * SIGKILL mid-step: `--resume` continues from the last checkpoint (ledger included), same result;
-* a corrupt newest checkpoint (truncated safetensors): resume falls back to the one before it
+* a corrupt newest checkpoint (truncated safetensors): resume is refused, naming it; with
+  --allow-older-checkpoint it falls back to the one before it (tests/test_journal.py: the accounting)
   with a warning naming it, same result;
 * checkpoints are written atomically (temporary file, fsync, rename; meta.json last; folder
   renamed into place) and only the newest `train.keep_checkpoints` are kept.
@@ -200,7 +201,7 @@ def test_sigkill_mid_step_then_resume_matches(world, reference):
     _assert_same_as_reference(run_dir, reference)
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(world, reference):
+def test_corrupt_newest_checkpoint_stops_unless_allowed_then_falls_back(world, reference):
     run_dir = world["root"] / "corrupt"
     rc, log = _run(world, run_dir, "--max-steps", "4")
     assert rc == 0, log[-3000:]
@@ -211,7 +212,9 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(world, reference):
     with pytest.raises(CheckpointError, match="checksum"):
         load_checkpoint(newest.parent)
 
-    rc, log = _run(world, run_dir, "--resume")
+    rc, log = _run(world, run_dir, "--resume")  # refused: an older checkpoint would re-run released steps
+    assert rc != 0 and "newest checkpoint cannot be loaded" in log and "--allow-older-checkpoint" in log, log[-3000:]
+    rc, log = _run(world, run_dir, "--resume", "--allow-older-checkpoint")
     assert rc == 0, log[-3000:]
     assert "skipping unusable checkpoint" in log and "step_00000004" in log
     _assert_same_as_reference(run_dir, reference)

@@ -291,6 +291,9 @@ class PrivacyLedger:
         self.accountant_name = check_accountant(accountant)
         self.accountant = new_accountant(self.accountant_name)
         self.steps_done = 0
+        # step index -> executions beyond one (a resume from an older checkpoint re-runs steps already spent;
+        # dpldm.privacy.journal): step s executed r times is accounted at sigma / sqrt(r)
+        self.extra_executions: dict[int, int] = {}
 
     # public constants of the mechanism
     @property
@@ -347,12 +350,29 @@ class PrivacyLedger:
     def epsilon_spent(self, delta: float | None = None, *, max_points: int | None = None) -> float:
         """Epsilon spent so far at `delta` (default: the ledger's delta); 0.0 before any step.
         PRV: PrivacyParameterError when its grid would exceed `max_points` (see check_prv_size)."""
-        if self.steps_done == 0:
+        if self.steps_done == 0 and not self.extra_executions:
             return 0.0
         delta = check_delta(self.delta if delta is None else delta)
+        if self.extra_executions:  # every executed step, re-runs included (dpldm.privacy.journal)
+            return _epsilon(self.execution_history(), delta, self.accountant_name, max_points)
         if self.accountant_name == "prv":
             self.accountant.max_points = max_points
         return float(self.accountant.get_epsilon(delta=delta))
+
+    def executed_steps(self) -> int:
+        """Noisy steps executed so far, re-runs included (= steps_done without re-runs)."""
+        return self.steps_done + sum(self.extra_executions.values())
+
+    def execution_history(self) -> list[tuple[float, float, int]]:
+        """Opacus accountant history [(sigma_eff, q, steps)] over every step index executed at least
+        once: index s executed r_s times is one subsampled Gaussian at sigma / sqrt(r_s)."""
+        runs = {s: 1 for s in range(1, self.steps_done + 1)}
+        for s, n in self.extra_executions.items():
+            runs[s] = runs.get(s, 0) + n
+        by_count: dict[int, int] = {}
+        for r in runs.values():
+            by_count[r] = by_count.get(r, 0) + 1
+        return [(self.noise_multiplier / math.sqrt(r), self.sample_rate, n) for r, n in sorted(by_count.items())]
 
     def epsilon_after(self, total_steps: int, delta: float | None = None) -> float:
         """Epsilon the run will have spent after `total_steps` steps at the ledger's sigma and q."""
@@ -378,6 +398,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "steps_done": self.steps_done,
             "plan": self.plan.state_dict(),  # holds the sampling seed: private, like the data
+            "extra_executions": {str(s): int(n) for s, n in sorted(self.extra_executions.items())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -396,6 +417,11 @@ class PrivacyLedger:
                               accountant=state["accountant"])
         fresh.accountant.load_state_dict({"history": history, "mechanism": fresh.accountant_name})
         fresh.steps_done = steps_done
+        extra = state.get("extra_executions", {})
+        if not isinstance(extra, dict) or not all(str(k).isdigit() and int(k) >= 1 and isinstance(v, int) and v >= 1
+                                                  for k, v in extra.items()):
+            raise PrivacyParameterError(f"ledger extra_executions must map step >= 1 to a count >= 1: {extra!r:.200}")
+        fresh.extra_executions = {int(k): int(v) for k, v in extra.items()}
         self.__dict__.update(fresh.__dict__)
 
     @classmethod

@@ -69,6 +69,7 @@ class FinetuneOptions:
     check_every: int = 0  # several ranks: check the replicas are bit-identical every K steps
     verbose: bool = True
     command: str = "dpldm finetune"  # what the user ran: the stop message says how to resume it
+    allow_older_checkpoint: bool = False  # a corrupt newest checkpoint: fall back (re-run steps, journal them)
 
     def __post_init__(self) -> None:
         if isinstance(self.resume, bool):
@@ -253,7 +254,8 @@ class Trainer:
         from dpldm.train.common import warmup_scheduler
         from dpldm.train.dp_loss import ChunkBatch, DiffusionDPLoss
         from dpldm.train.dp_state import (TrainableEMA, check_same_data, check_same_init, config_changes,
-                                          load_latest_state, restore_state)
+                                          journal_ledger_state, load_latest_state, restore_state,
+                                          set_aside_stale_journal)
         from dpldm.train.draws import new_secret_seed
         from dpldm.train.private_data import latent_shape, open_private_data
 
@@ -286,13 +288,16 @@ class Trainer:
         N = len(self.data)
 
         # resume, or fresh secrets: everything decided on rank 0 and shared
-        resumed = ctx.on_main(lambda: load_latest_state(self.run_dir) if self.opts.resume != "never" else None)
+        resumed = ctx.on_main(lambda: load_latest_state(self.run_dir, self.opts.allow_older_checkpoint)
+                              if self.opts.resume != "never" else None)
         if resumed is not None:
             tensors, meta, folder = resumed
             changed = config_changes(cfg, meta["config"], str(folder))
             check_same_data(meta, self.data.fingerprint, N, str(folder))
             check_same_init(meta, self.init, str(folder))
-            ledger_state, diffusion_seed = meta["privacy"]["ledger"], int(meta["secrets"]["diffusion_seed"])
+            ledger_state = ctx.on_main(lambda: journal_ledger_state(self.run_dir, meta["privacy"]["ledger"],
+                                                                    self.opts.verbose))
+            diffusion_seed = int(meta["secrets"]["diffusion_seed"])
             self.history = list(meta.get("resumes", [])) + [{"at_step": int(meta["step"]), "world_size":
                                                                ctx.world_size, "changed": changed}]
         else:
@@ -302,6 +307,7 @@ class Trainer:
                 check_explicit_sigma(pc, ledger)
                 return ledger.state_dict(), (tc.seed if tc.deterministic else new_secret_seed())
             ledger_state, diffusion_seed = ctx.on_main(fresh)
+            ctx.on_main(lambda: set_aside_stale_journal(self.run_dir), share=False)
         self.ledger = PrivacyLedger.from_state_dict(ledger_state)
         self.diffusion_seed = diffusion_seed
 
@@ -452,6 +458,7 @@ class Trainer:
             while dp.step_index < stop_at:
                 self.step()
                 s = dp.step_index
+                self.ctx.on_main(self._journal_step, share=False)  # fsynced before anything of step s is released
                 logger.advance()
                 if self.opts.check_every and s % self.opts.check_every == 0:
                     self.model.sync_check()
@@ -480,6 +487,14 @@ class Trainer:
             stop.restore()
             logger.close()
         return self._finish(stop_reason, time.perf_counter() - t0 if timed else None)
+
+    def _journal_step(self) -> None:
+        """Record the step just executed in the append-only privacy journal (rank 0)."""
+        from dpldm.privacy.journal import PrivacyJournal
+
+        led, s = self.ledger, self.dp.step_index
+        execution = 1 + led.extra_executions.get(s, 0)  # this run's execution of s counts as one
+        PrivacyJournal(self.run_dir).append(s, execution, led.noise_multiplier, led.sample_rate)
 
     def _epsilon_now(self) -> float:
         return self.ledger.epsilon_spent() if not self.cfg.train.not_private else math.inf

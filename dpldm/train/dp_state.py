@@ -15,8 +15,10 @@ Released model `<out>/model/` (kind "ldm", loadable by `dpldm.models.ldm.load_ld
 model with the EMA of the trained tensors put back, and a PUBLIC privacy report (epsilon, delta,
 sigma, q, N, steps, accountant, ...). Never a seed, never per-example values.
 
-Resume rule: the newest loadable checkpoint (a corrupt newest one falls back to the one before,
-with a warning); refused when every checkpoint is unusable (that would forget spent privacy),
+Resume rule: the newest checkpoint (a corrupt newest one is refused, naming it, unless
+--allow-older-checkpoint: then the newest loadable one, and the steps after it run again, each
+execution recorded in the append-only privacy journal, dpldm.privacy.journal, so the epsilon
+reported covers every executed step); refused when every checkpoint is unusable (that would forget spent privacy),
 when the private data differ (fingerprint), when the init model differs (hashes), or when a
 setting that defines the mechanism or the optimisation changed. Settings that only change how
 the work is executed (physical batch, kernels, device, precision, logging) may change; each
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpldm.checkpoint import CheckpointError, load_latest_checkpoint, list_step_checkpoints, save_step_checkpoint
+from dpldm.checkpoint import (CheckpointError, list_step_checkpoints, load_checkpoint, load_latest_checkpoint,
+                              save_step_checkpoint)
 from dpldm.config import RunConfig
 from dpldm.errors import RunFolderError
 
@@ -171,12 +175,22 @@ def save_state(run_dir: Path, step: int, *, trainable: dict[str, nn.Parameter], 
                              "the previous checkpoints are intact: free space / fix permissions and resume") from None
 
 
-def load_latest_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path] | None:
-    """The newest usable checkpoint, or None when the run has none. Every checkpoint unusable is an
-    error (starting over would forget the privacy already spent)."""
+def load_latest_state(run_dir: Path, allow_older: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path] | None:
+    """The newest checkpoint, or None when the run has none. A corrupt newest checkpoint is an error
+    naming it, unless `allow_older` (--allow-older-checkpoint): then the newest loadable one, whose
+    later steps run again (the privacy journal accounts every execution). Every checkpoint unusable
+    is an error (starting over would forget the privacy already spent)."""
+    folders = list_step_checkpoints(run_dir)
+    if len(folders) > 1 and not allow_older:
+        try:
+            load_checkpoint(folders[-1])
+        except CheckpointError as e:
+            raise CheckpointError(f"the newest checkpoint cannot be loaded: {e}. Resuming from an older one re-runs "
+                                  "steps already spent and released; pass --allow-older-checkpoint to do so (the "
+                                  "privacy journal then accounts every executed step), or restore the file") from None
     found = load_latest_checkpoint(run_dir)
     if found is None:
-        n = len(list_step_checkpoints(run_dir))
+        n = len(folders)
         if n:
             raise CheckpointError(f"{run_dir}: resuming, but none of its {n} step checkpoint(s) can be loaded (see the "
                                   "warnings above); refusing to start over, which would forget the privacy already "
@@ -201,6 +215,50 @@ def restore_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, tra
     load_optimizer_tensors(optimizer, names, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     ema.load(tensors, meta["ema_count"])
+
+
+# -- the append-only privacy journal (dpldm.privacy.journal) ----------------------------------------
+
+def journal_ledger_state(run_dir: Path, ledger_state: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
+    """Rank 0, on resume: the checkpoint's ledger state with `extra_executions` taken from the
+    journal, so the ledger accounts every step ever executed (re-runs included). A checkpoint made
+    with a journal whose journal is gone is refused; a run from before the journal existed gets one
+    rebuilt from its checkpoint (each of its steps once)."""
+    from dpldm.privacy.journal import JournalError, PrivacyJournal, extra_executions
+
+    journal, k = PrivacyJournal(run_dir), int(ledger_state["steps_done"])
+    sigma, q = float(ledger_state["noise_multiplier"]), float(ledger_state["plan"]["sample_rate"])
+    if not journal.exists():
+        if "extra_executions" in ledger_state:
+            raise JournalError(f"{journal.path} is missing, but the checkpoint was written with one: without it the "
+                               "steps executed after the checkpoint cannot be accounted; restore it, or start a new run")
+        for step in range(1, k + 1):
+            journal.append(step, 1, sigma, q)
+        if verbose:
+            print(f"[finetune] {journal.path}: started from the checkpoint (steps 1..{k} once; the run predates the "
+                  "journal)", flush=True)
+    extra = extra_executions(journal.executions(sigma, q), k)
+    rerun = sorted(s for s in extra if s > k)
+    if rerun and verbose:
+        print(f"[finetune] the privacy journal holds step(s) {rerun[0]}..{rerun[-1]} beyond this checkpoint (step {k}): "
+              "they run again and every execution is accounted (epsilon covers all executed steps)", flush=True)
+    return {**ledger_state, "extra_executions": {str(s): n for s, n in extra.items()}}
+
+
+def set_aside_stale_journal(run_dir: Path) -> None:
+    """Rank 0, on a fresh start: a journal left by a run that died before its first checkpoint
+    (nothing of its steps was released: a checkpoint comes before any grid or model) is moved
+    aside, so the new run's journal holds the new run only."""
+    from dpldm.privacy.journal import PrivacyJournal
+
+    journal = PrivacyJournal(run_dir)
+    if journal.exists():
+        aside = journal.path.with_name(journal.path.name + ".before-fresh-start")
+        with open(aside, "ab") as f:
+            f.write(journal.path.read_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        journal.path.unlink()
 
 
 # -- resume checks --------------------------------------------------------------------------------
@@ -250,7 +308,8 @@ def privacy_report(ledger, privacy_cfg, *, private: bool, trainable: int, total:
     rep = {"epsilon": accounted if private else math.inf, "epsilon_target": privacy_cfg.epsilon,
            "delta": ledger.delta, "noise_multiplier": ledger.noise_multiplier, "max_grad_norm": ledger.max_grad_norm,
            "sample_rate": ledger.sample_rate, "expected_batch_size": ledger.expected_batch_size,
-           "num_examples": ledger.num_examples, "steps": ledger.steps_done, "accountant": ledger.accountant_name,
+           "num_examples": ledger.num_examples, "steps": ledger.steps_done, "executed_steps": ledger.executed_steps(),
+           "accountant": ledger.accountant_name,
            "sampling": "poisson", "private": private, "trainable_parameters": trainable,
            "total_unet_parameters": total, "finetune": finetune}
     if not private:

@@ -27,6 +27,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set privacy.steps=500")
     parser.add_argument("--out", help="run folder (overrides train.out_dir)")
+    parser.add_argument("--allow-older-checkpoint", action="store_true",
+                        help="resume from the newest LOADABLE checkpoint when the newest one is corrupt (refused "
+                             "otherwise); the steps after it run again and the privacy journal accounts both runs")
     parser.add_argument("--init", help="public LDM folder to start from (default: train.init_checkpoint, else the "
                                        "shipped glyph model)")
     parser.add_argument("--private", help="private data: a built-in source name, an image folder, a .npz, or a latent "
@@ -75,7 +78,7 @@ def options_from_args(args: argparse.Namespace, cfg: RunConfig, **extra) -> Fine
     if args.init is not None and not str(args.init).strip():
         raise UserError("--init: empty path (name a public model folder, a run folder with model/, or 'public')")
     return FinetuneOptions(out=Path(cfg.train.out_dir), init=args.init, synthetic_latents=args.synthetic_latents or 0,
-                           random_init=args.random_init, **extra)
+                           random_init=args.random_init, allow_older_checkpoint=args.allow_older_checkpoint, **extra)
 
 
 def run(args: argparse.Namespace) -> int:
