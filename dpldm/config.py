@@ -186,6 +186,8 @@ class PrivacyConfig:
     norm_method: str = "auto"  # auto | ghost | materialize  (per-example Linear norms)
     backend: str = "auto"  # auto | torch | triton | cpp | cuda
     physical_batch_size: int = 64  # examples per chunk through the model
+    fixed_shape: bool = True  # every step runs the same padded chunks; truncation accounted (dpldm.privacy.fixed_shape)
+    truncation_delta: float = 1e-3  # fixed_shape: the truncation may add at most this fraction of delta
 
     def __post_init__(self) -> None:
         _check_fields(self, "privacy")
@@ -208,6 +210,8 @@ class PrivacyConfig:
         _require(self.backend in ("auto", "torch", "triton", "cpp", "cuda"), "privacy.backend",
                  f"must be auto|torch|triton|cpp|cuda, got {self.backend!r}")
         _require(self.physical_batch_size >= 1, "privacy.physical_batch_size", "must be >= 1")
+        _require(0 < self.truncation_delta <= 0.1, "privacy.truncation_delta",
+                 f"must lie in (0, 0.1] (a fraction of delta), got {self.truncation_delta}")
 
 
 @dataclass

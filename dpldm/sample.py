@@ -9,7 +9,10 @@ int64) and `meta_json` (the sampling settings and the model's privacy report, as
 `png-dir` holds one folder per class (`3/000017.png`) and `samples.json`. Both are exactly what
 `dpldm evaluate --samples` reads. Every output is written to a temporary name beside it and
 renamed into place when complete: an interrupted run leaves nothing half-written, and an existing
-output is only replaced with `--overwrite`.
+output is only replaced with `--overwrite`, and only when `dpldm sample` wrote it (a grid PNG carries
+a `dpldm: sample-grid` text chunk; an npz holds `meta_json`; a png-dir its `.dpldm-output.json`).
+An output never lands on the model being read (a file inside the --checkpoint folder, or the run
+folder's model/), whatever --overwrite says.
 
 Noise: the initial latent of sample i is drawn from its own generator seeded by (--seed, i) on
 the CPU, so with DDIM at eta = 0 (the default) each sample is the same whatever --batch-size or
@@ -39,6 +42,7 @@ MAX_SEED = 2**32 - 1  # sample i's noise generator is seeded with (seed << 32) +
 MAX_SAMPLES = 1_000_000  # per call (1M 32x32 RGB images hold 12 GiB as float32 before they are written)
 MAX_THREADS = 4096
 MAX_GRID_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: a larger PNG trips PIL's decompression-bomb guard
+GRID_TAG = ("dpldm", "sample-grid")  # a PNG text chunk: the grid files `dpldm sample --overwrite` may replace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,8 +118,24 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--threads must lie in [0, {MAX_THREADS}] (0 = leave as is), got {args.threads}")
 
 
+def written_by_sample(path: Path, fmt: str) -> bool:
+    """Whether the file `path` is what `dpldm sample --format fmt` writes: a grid PNG carrying
+    GRID_TAG, or an .npz holding images, labels and meta_json."""
+    try:
+        if fmt == "grid":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return im.format == "PNG" and im.info.get(GRID_TAG[0]) == GRID_TAG[1]
+        with np.load(path, allow_pickle=False) as z:
+            return {"images", "labels", "meta_json"} <= set(z.files)
+    except Exception:  # noqa: BLE001 - not an image or an archive at all
+        return False
+
+
 def check_out(args: argparse.Namespace) -> Path:
-    """The output path: the right kind (file or folder), not already there unless --overwrite."""
+    """The output path: the right kind (file or folder), never one of the inputs (nor a file inside
+    them), not already there unless --overwrite, and then only an output `dpldm sample` wrote."""
     out = Path(args.out if args.out is not None else DEFAULT_OUT[args.format])
     if not str(args.out if args.out is not None else out).strip():
         raise UserError("--out: empty path")
@@ -134,8 +154,15 @@ def check_out(args: argparse.Namespace) -> Path:
             raise UserError(f"--out {out}: is a folder, but --format {args.format} writes a file")
         if args.format == "npz" and out.suffix != ".npz":
             raise UserError(f"--out {out}: --format npz needs a name ending in .npz (what dpldm evaluate reads)")
+        from dpldm.utils.io import check_output_file, model_inputs
+
+        check_output_file(out, model_inputs(args.checkpoint))  # the model's weights, a run's config.json: never
     if out.exists() and not args.overwrite:
         raise UserError(f"--out {out}: already exists; pass --overwrite to replace it")
+    if out.exists() and args.format != "png-dir" and not written_by_sample(out, args.format):
+        raise UserError(f"--out {out}: exists and was not written by `dpldm sample --format {args.format}`; "
+                        "--overwrite only replaces an output dpldm sample wrote, never your own files: remove it "
+                        "yourself or choose another path")
     return out
 
 
@@ -282,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
             "steps": steps, "eta": eta, "guidance": guidance, "seed": args.seed, "weights": "raw" if args.no_ema else "ema",
             "privacy": getattr(ldm, "meta", {}).get("privacy")}
     if args.format == "grid":
-        save_image_grid(images, out, nrow=per_class, upscale=args.upscale)
+        save_image_grid(images, out, nrow=per_class, upscale=args.upscale, tag=GRID_TAG)
     elif args.format == "npz":
         write_npz(out, to_uint8(images), labels.numpy(), meta)
     else:

@@ -15,7 +15,8 @@ from torch import nn
 from dpldm.privacy.accountant import PrivacyLedger
 from dpldm.privacy.dp_step import DPStep
 from dpldm.privacy.engine import BookKeepingEngine
-from dpldm.privacy.independence import ExampleMixingError, check_independence, select_rows
+from dpldm.privacy.batches import pad_rows, select_rows
+from dpldm.privacy.independence import ExampleMixingError, check_independence
 from dpldm.privacy.sampler import PoissonPlan
 from dpldm.train.dp_finetune import FinetuneOptions, Trainer, train
 from test_privacy_path import _Head, _sq_loss, cfg_for, world  # noqa: F401 (world: a fixture)
@@ -89,6 +90,9 @@ def test_select_rows_keeps_structure():
     assert one.z.tolist() == [[2.0, 3.0]] and one.y.tolist() == [8] and one.step == 4
     t = select_rows((torch.arange(3), {"k": torch.zeros(3, 1), "s": "x"}, torch.zeros(2)), torch.tensor([2]), 3)
     assert t[0].tolist() == [2] and t[1]["k"].shape == (1, 1) and t[1]["s"] == "x" and t[2].shape == (2,)
+    padded = pad_rows(b, 3, 5)
+    assert padded.z.shape == (5, 2) and padded.z[3:].abs().sum() == 0 and padded.y.tolist() == [7, 8, 9, 0, 0]
+    assert padded.step == 4
 
 
 def test_trainer_refuses_a_unet_that_mixes_examples(world, monkeypatch):  # noqa: F811

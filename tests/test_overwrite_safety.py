@@ -55,10 +55,12 @@ class World:
         self.run = root / "runs" / "ft"
         self.model = save_tiny(self.run / "model", EXPORTABLE, seed=1)
         (self.run / "metrics.jsonl").write_text('{"step": 1}\n')
+        (self.run / "config.json").write_text('{"train": {"lr": 0.001}}\n')
         self.mine = root / "mine"
         (self.mine / "sub").mkdir(parents=True)
         (self.mine / "thesis.tex").write_text("years of work")
         (self.mine / "sub" / "data.csv").write_text("1,2,3\n")
+        (self.mine / "data.npz").write_bytes(b"PK\x05\x06" + bytes(18))  # an (empty) zip archive of the user's
         self.prev_hub = root / "prev_hub"
         assert run_cli(export(self, self.prev_hub))[0] == 0
         self.prev_png = root / "prev_png"
@@ -80,6 +82,12 @@ def export(w: World, out: Path | str, *extra: str, checkpoint: Path | None = Non
 def png(w: World, out: Path | str, *extra: str, checkpoint: Path | None = None) -> list[str]:
     return ["sample", "--checkpoint", str(checkpoint or w.model), "--out", str(out), "--format", "png-dir",
             "--classes", "0", "--per-class", "1", "--steps", "2", "--device", "cpu", *extra]
+
+
+def grid(w: World, out: Path | str, *extra: str, checkpoint: Path | None = None) -> list[str]:
+    """`dpldm sample` writing a file (the default grid PNG)."""
+    return ["sample", "--checkpoint", str(checkpoint or w.model), "--out", str(out), "--classes", "0",
+            "--per-class", "1", "--steps", "2", "--device", "cpu", *extra]
 
 
 CMDS = {"export": export, "sample": png}
@@ -135,6 +143,23 @@ def rows() -> list[Row]:
     out.append(Row("overwrite-export-dpldm-format-user-folder", "`--format dpldm --out` the user's own folder",
                    "export", lambda w: export(w, w.mine, "--format", "dpldm", "--overwrite"),
                    "mine: was not written by dpldm"))
+    # file outputs (grid, npz): never onto a file of an input, and --overwrite replaces only what dpldm sample wrote
+    out += [
+        Row("overwrite-sample-grid-onto-weights", "grid `--out` the model's own weights (was: a PNG written over "
+            "them, exit 0; the next load failed its checksum)", "sample",
+            lambda w: grid(w, w.model / "tensors.safetensors", "--overwrite"),
+            "tensors.safetensors: is a file of the input --checkpoint "),
+        Row("overwrite-sample-grid-onto-run-config", "grid `--out RUN/config.json` with `--checkpoint RUN` (was: "
+            "replaced, exit 0)", "sample", lambda w: grid(w, w.run / "config.json", "--overwrite", checkpoint=w.run),
+            "runs/ft/config.json: is a file of the input --checkpoint "),
+        Row("overwrite-sample-grid-user-file", "grid `--out` a file dpldm did not write (here the run's config.json "
+            "with `--checkpoint RUN/model`)", "sample", lambda w: grid(w, w.run / "config.json", "--overwrite"),
+            "config.json: exists and was not written by `dpldm sample --format grid`; --overwrite only replaces "
+            "an output dpldm sample wrote"),
+        Row("overwrite-sample-npz-user-file", "npz `--out` an .npz dpldm did not write", "sample",
+            lambda w: grid(w, w.mine / "data.npz", "--format", "npz", "--overwrite"),
+            "data.npz: exists and was not written by `dpldm sample --format npz`"),
+    ]
     return out
 
 

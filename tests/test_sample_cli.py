@@ -87,8 +87,20 @@ def test_existing_output_needs_overwrite(model, tmp_path, capsys):
     out.write_bytes(b"mine")
     assert sample(model, out, "--format", "npz", "--per-class", "1") == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"mine"
-    assert sample(model, out, "--format", "npz", "--per-class", "1", "--overwrite") == 0
+    assert sample(model, out, "--format", "npz", "--per-class", "1", "--overwrite") == 2  # not dpldm's file
+    assert "was not written by `dpldm sample --format npz`" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    out.unlink()
+    assert sample(model, out, "--format", "npz", "--per-class", "2") == 0
+    assert sample(model, out, "--format", "npz", "--per-class", "1", "--overwrite") == 0  # dpldm's own npz: replaced
     assert load_images(str(out), "--samples")[0].shape == (3, 16, 16)
+    grid = tmp_path / "g.png"
+    assert sample(model, grid, "--per-class", "1") == 0
+    assert Image.open(grid).info.get("dpldm") == "sample-grid"  # the tag that --overwrite looks for
+    assert sample(model, grid, "--per-class", "2", "--overwrite") == 0
+    Image.new("L", (4, 4)).save(grid)  # the user's own PNG at that path now
+    assert sample(model, grid, "--per-class", "1", "--overwrite") == 2
+    assert "was not written by `dpldm sample --format grid`" in capsys.readouterr().err
+    grid.unlink()
     folder = tmp_path / "dir"
     folder.mkdir()
     (folder / "keep.txt").write_text("x")

@@ -31,6 +31,10 @@ from dpldm.eval.augment import random_affine
 from dpldm.eval.runtime import ThreadTuner, restore_threads
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+# classes of the downstream task (labels 0..MAX_CLASSES-1): the CNN has one output per class up to the
+# largest label, and the real-test confusion matrix (num_classes**2 counts, 10**6 here) goes into the
+# JSON report. Not dpldm.config.MAX_CLASSES (10**6, an embedding table's rows): 10**12 counts.
+MAX_CLASSES = 1_000
 
 
 @dataclass
@@ -152,6 +156,9 @@ def to_labels(labels: ArrayLike, n: int, num_classes: Optional[int], name: str =
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
         raise UserError(f"{name}: label out of range: {int(y.min())} < 0")
+    if len(y) and y.max() >= MAX_CLASSES:
+        raise UserError(f"{name}: label {int(y.max())} out of range: labels must lie in [0, {MAX_CLASSES:,}) "
+                        "(the downstream classifier has one output per class up to the largest label)")
     if num_classes is not None and len(y) and y.max() >= num_classes:
         raise UserError(f"{name}: label out of range: {int(y.max())} >= num_classes={num_classes}")
     return torch.from_numpy(y)
@@ -242,8 +249,8 @@ def train_and_select(synthetic_images: ArrayLike, synthetic_labels: ArrayLike, *
     y = to_labels(synthetic_labels, len(x), num_classes, "synthetic labels")
     if num_classes is None:
         num_classes = int(y.max()) + 1
-    if num_classes < 2:
-        raise UserError(f"need at least 2 classes, got num_classes={num_classes}")
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise UserError(f"need 2..{MAX_CLASSES:,} classes, got num_classes={num_classes}")
     if len(x) < 4:
         raise UserError(f"need at least 4 synthetic images to train and validate, got {len(x)}")
     rng = np.random.default_rng(cfg.seed)

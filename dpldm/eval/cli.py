@@ -72,6 +72,8 @@ def _check_images(images: np.ndarray, where: str) -> np.ndarray:
 
 
 def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
+    from dpldm.eval.classifier import MAX_CLASSES
+
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != n:
         raise UserError(f"{where}: 'labels' must have shape ({n},) to match the images, got {labels.shape}")
@@ -79,6 +81,9 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
         raise UserError(f"{where}: 'labels' must be integers, got {labels.dtype}")
     if n and labels.min() < 0:
         raise UserError(f"{where}: label out of range: {int(labels.min())} < 0")
+    if n and labels.max() >= MAX_CLASSES:  # before the int64 cast: a uint64 label may not fit it
+        raise UserError(f"{where}: label {int(labels.max())} out of range: labels must lie in [0, {MAX_CLASSES:,}) "
+                        "(the downstream classifier has one output per class up to the largest label)")
     return labels.astype(np.int64)
 
 
@@ -147,6 +152,8 @@ MAX_KID_SUBSETS = 100_000
 
 def check_args(args: argparse.Namespace) -> None:
     """Every flag that needs no data, before anything is loaded or computed."""
+    from dpldm.eval.classifier import MAX_CLASSES
+
     for flag, value in (("--samples", args.samples), ("--real", args.real), ("--real-test", args.real_test),
                         ("--cache-dir", args.cache_dir), ("--json", args.json_out)):
         if value is not None and not str(value).strip():
@@ -154,7 +161,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value, low, high in (("--batch-size", args.batch_size, 1, None),
                                    ("--kid-subsets", args.kid_subsets, 1, MAX_KID_SUBSETS),
                                    ("--kid-subset-size", args.kid_subset_size, 2, None),
-                                   ("--num-classes", args.num_classes, 1, None),
+                                   ("--num-classes", args.num_classes, 1, MAX_CLASSES),
                                    ("--classifier-epochs", args.classifier_epochs, 1, MAX_EPOCHS),
                                    ("--fid-samples", args.fid_samples, 2, None),
                                    ("--real-samples", args.real_samples, 2, None),
@@ -174,12 +181,17 @@ def check_args(args: argparse.Namespace) -> None:
             if anc.exists() and not anc.is_dir():
                 raise UserError(f"--cache-dir {args.cache_dir}: cannot use it, {anc} is a file")
     if args.json_out is not None:
-        check_json_out(args.json_out)
+        check_json_out(args.json_out, [("--samples", args.samples), ("--real", args.real),
+                                       ("--real-test", args.real_test)])
 
 
-def check_json_out(path: str) -> None:
+def check_json_out(path: str, inputs=()) -> None:
     """--json names a file that can be written: not a folder, nothing but folders above it, and the
-    nearest existing folder writable (checked before the evaluation, which can take an hour)."""
+    nearest existing folder writable (checked before the evaluation, which can take an hour); never
+    one of the inputs (or a file inside an input folder); an existing file only when it is a report
+    `dpldm evaluate` wrote (replaced, as a rerun into the same --json always did)."""
+    from dpldm.utils.io import check_output_file
+
     out = Path(path)
     if out.is_dir():
         raise UserError(f"--json {path}: is a folder; give a file name (e.g. {out / 'eval.json'})")
@@ -190,6 +202,19 @@ def check_json_out(path: str) -> None:
             if not os.access(anc, os.W_OK | os.X_OK):
                 raise UserError(f"--json {path}: cannot write in {anc} (permission denied)")
             break
+    check_output_file(out, inputs, flag="--json")
+    if out.exists() and not is_report(out):
+        raise UserError(f"--json {path}: exists and is not a report `dpldm evaluate` wrote; refusing to replace it: "
+                        "choose another path (or move the file away)")
+
+
+def is_report(path: Path) -> bool:
+    """A JSON object as `dpldm evaluate --json` writes it (write_json_result)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"samples_path", "n_samples_total"} <= set(obj)
 
 
 def write_json_result(path: str, result: dict) -> None:

@@ -16,6 +16,10 @@ ZeRO-3 lock-step: every forward/backward gathers parameters with collectives, so
 run the same passes; a rank with fewer chunks than `passes_per_rank` runs a dummy pass on a
 public batch whose result is thrown away: it touches no accumulator, no count, no noise.
 Memory is flat in the logical batch: a chunk at a time, plus the accumulators.
+
+Fixed-shape steps (a DPStep built with `fixed_shape`, the trainer's default for private runs):
+every step has the same number of chunks, each padded to the same number of rows with masked
+public dummy rows, so no step's duration depends on its realised Poisson batch.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import math
 from typing import Any, Callable
 
 import torch
+
+from dpldm.privacy.batches import pad_rows
 
 
 def run_logical_step(dp, load_batch: Callable[[torch.Tensor], Any], *, lockstep: bool = False,
@@ -36,8 +42,14 @@ def run_logical_step(dp, load_batch: Callable[[torch.Tensor], Any], *, lockstep:
     step = dp.step_index
     share = dp.begin_step()
     dummies = 0
+    rows = getattr(dp, "chunk_rows", None)  # fixed-shape steps: every chunk padded to `rows` slots
     for k in range(dp.passes_per_rank):
-        if k < len(dp.my_chunks):
+        if k < len(dp.my_chunks) and rows is not None:
+            idx = dp.my_chunks[k]
+            n = int(idx.numel())
+            batch = pad_rows(load_batch(idx), n, rows)  # (rows, ...): n examples, then masked padding
+            dp.accumulate(batch, example_mask=torch.arange(rows) < n)
+        elif k < len(dp.my_chunks):
             dp.accumulate(load_batch(dp.my_chunks[k]))
         elif lockstep:
             if dummy_batch is None:

@@ -38,6 +38,7 @@ from torch import nn
 
 from dpldm.privacy.accountant import PrivacyLedger
 from dpldm.privacy.engine import BookKeepingEngine, PerExampleLossFn
+from dpldm.privacy.fixed_shape import FixedShape, fixed_chunks
 from dpldm.privacy.noise import GaussianNoise
 from dpldm.privacy.sampler import PoissonPlan
 
@@ -81,7 +82,7 @@ class DPStep:
                  noise: GaussianNoise | None = None, optimizer: torch.optim.Optimizer | None = None,
                  world: World | None = None, norm_method: str = "auto", backend: str = "auto",
                  nonfinite: str = "raise", physical_batch_size: int | None = None,
-                 acc_dtype: torch.dtype | None = None, selector=None) -> None:
+                 acc_dtype: torch.dtype | None = None, selector=None, fixed_shape: FixedShape | None = None) -> None:
         if not isinstance(ledger, PrivacyLedger):
             raise TypeError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
         self.model, self.loss_fn, self.ledger = model, per_example_loss_fn, ledger
@@ -100,6 +101,13 @@ class DPStep:
         if physical_batch_size is not None and (isinstance(physical_batch_size, bool) or physical_batch_size < 1):
             raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size!r}")
         self.physical_batch_size = physical_batch_size
+        # fixed-shape steps (dpldm.privacy.fixed_shape): every step runs fixed_shape.num_chunks chunks of
+        # fixed_shape.rows slots, padded with masked rows; the sample is truncated to max_batch
+        if fixed_shape is not None and physical_batch_size is None:
+            raise ValueError("fixed_shape needs a physical_batch_size (the chunks are cut from the global sample)")
+        self.fixed_shape = fixed_shape
+        self.chunk_rows: int | None = fixed_shape.rows if fixed_shape is not None else None
+        self.dropped = 0  # examples truncated away in the current step (private: tests only, never logged)
         self.global_size = 0  # examples in the current step's global sample (private: tests and debugging only)
         self.my_chunks: list[torch.Tensor] = []  # this rank's chunks of the current step
         self.passes_per_rank = 0  # chunks per rank of the current step (the same on every rank)
@@ -136,7 +144,12 @@ class DPStep:
         sample = plan.indices(self.step_index)  # (|S|,) the global sample, sorted
         W, r = self.world.world_size, self.world.rank
         self.global_size = int(sample.numel())
-        if self.physical_batch_size is not None:
+        if self.fixed_shape is not None:
+            chunks, self.dropped = fixed_chunks(sample, self.fixed_shape, plan.seed, self.step_index)
+            self.my_chunks = chunks[r::W]
+            self.passes_per_rank = -(-len(chunks) // W)
+            idx = torch.cat(self.my_chunks)
+        elif self.physical_batch_size is not None:
             chunks = global_chunks(sample, self.physical_batch_size)
             self.my_chunks = chunks[r::W]
             self.passes_per_rank = -(-len(chunks) // W)
@@ -153,14 +166,17 @@ class DPStep:
         self.phase = "open"
         return idx
 
-    def accumulate(self, chunk: Any) -> int:
-        """Add the clipped per-example gradients of one physical chunk; returns its B."""
+    def accumulate(self, chunk: Any, example_mask: torch.Tensor | None = None) -> int:
+        """Add the clipped per-example gradients of one physical chunk; returns its number of
+        examples (rows where `example_mask` is False are padding: clipping factor 0, not counted)."""
         self._need("open", part="accumulate")
         where = f"logical step {self.step_index}"
         if self._acc_dtype == self._compute_dtype:  # in place, no per-chunk copy
-            res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._acc_dtype, where=where, out=self.acc)
+            res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._acc_dtype, where=where, out=self.acc,
+                                           example_mask=example_mask)
         else:  # the chunk's sums in the compute dtype, then added exactly into the wider accumulators
-            res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._compute_dtype, where=where)
+            res = self.engine.clipped_sums(self.loss_fn, chunk, acc_dtype=self._compute_dtype, where=where,
+                                           example_mask=example_mask)
             for n, t in res.sums.items():
                 self.acc[n] += t.to(self._acc_dtype)
         self._seen += res.num_examples

@@ -40,7 +40,8 @@ from torch import nn
 
 from dpldm.errors import InputError
 from dpldm.privacy.groups import LinearGroup, group_shared_inputs
-from dpldm.privacy.independence import batch_size_of, check_independence
+from dpldm.privacy.batches import batch_size_of
+from dpldm.privacy.independence import check_independence
 from dpldm.privacy.layers import LayerRule, RowMismatchError, UnsupportedLayerError, rule_for
 
 __all__ = ["BookKeepingEngine", "ChunkResult", "NonFiniteGradientError", "UnsupportedLayerError",
@@ -294,10 +295,13 @@ class BookKeepingEngine:
     # -- one physical chunk --------------------------------------------------------------------
     def clipped_sums(self, per_example_loss_fn: PerExampleLossFn, batch: Any, *,
                      acc_dtype: torch.dtype | None = None, where: str = "",
-                     out: dict[str, torch.Tensor] | None = None) -> ChunkResult:
+                     out: dict[str, torch.Tensor] | None = None,
+                     example_mask: torch.Tensor | None = None) -> ChunkResult:
         """Clipped per-example gradient sums of one physical chunk (no noise, no scaling).
 
-        With `out` (name -> accumulator), the sums are added into it in place and returned."""
+        With `out` (name -> accumulator), the sums are added into it in place and returned.
+        `example_mask` (B,) bool: rows with False are padding (fixed-shape steps): they run through
+        the model like the others but get clipping factor 0 and are not counted."""
         params = self.trainable
         acc = acc_dtype or _acc_dtype(params.values())
         at = f" ({where})" if where else ""
@@ -316,7 +320,11 @@ class BookKeepingEngine:
             if B == 0:
                 self._reset()
                 return ChunkResult(self._zeros(params, acc, out), 0, 0)
-            finite = torch.isfinite(loss.detach())
+            real = torch.ones(B, dtype=torch.bool, device=loss.device) if example_mask is None \
+                else example_mask.to(device=loss.device, dtype=torch.bool)
+            if real.shape != (B,):
+                raise ValueError(f"example_mask must have shape ({B},), got {tuple(real.shape)}{at}")
+            finite = torch.isfinite(loss.detach()) | ~real  # padding rows never count as non-finite
             n_bad = int((~finite).sum())
             if n_bad and self.nonfinite == "raise":
                 raise NonFiniteGradientError(
@@ -324,9 +332,11 @@ class BookKeepingEngine:
                     "the model or a diverging lr, or construct the engine with nonfinite='drop' to drop such examples)")
             if n_bad:
                 loss = torch.where(finite, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+            if not real.all():
+                loss = torch.where(real, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
             if not loss.requires_grad:  # no trainable layer reached the loss: all gradients are 0
                 self._reset()
-                return ChunkResult(self._zeros(params, acc, out), B, n_bad)
+                return ChunkResult(self._zeros(params, acc, out), int(real.sum()), n_bad)
             loss.sum().backward()
             escaped = [n for n, p in params.items() if p.grad is not None]
             if escaped:
@@ -341,7 +351,7 @@ class BookKeepingEngine:
             for n, p in params.items():
                 p.grad = stash[n]
         try:
-            return self._clip_and_sum(params, B, finite, acc, at, out)
+            return self._clip_and_sum(params, B, finite, acc, at, out, real)
         except BaseException:
             self._reset()
             raise
@@ -356,7 +366,7 @@ class BookKeepingEngine:
             return out
         return {n: torch.zeros(p.shape, dtype=acc, device=p.device) for n, p in params.items()}
 
-    def _clip_and_sum(self, params, B, finite, acc, at, out=None) -> ChunkResult:
+    def _clip_and_sum(self, params, B, finite, acc, at, out=None, real=None) -> ChunkResult:
         sq = torch.zeros(B, dtype=torch.float64 if acc == torch.float64 else torch.float32,
                          device=next(iter(params.values())).device)
         self.methods, self.kernels_used = {}, {}
@@ -366,8 +376,10 @@ class BookKeepingEngine:
             s = unit.sqnorm(B, method=self.norm_method, backend=self.backend, selector=self.selector)
             if s is not None:
                 sq = sq + s.to(sq.dtype)
-        keep = finite & torch.isfinite(sq)
+        real = torch.ones_like(finite) if real is None else real
+        keep = finite & (torch.isfinite(sq) | ~real)  # (B,) padding rows: finite by definition, then masked
         n_drop = int((~keep).sum())
+        keep = keep & real
         if n_drop and self.nonfinite == "raise":
             self._reset()
             raise NonFiniteGradientError(
@@ -376,7 +388,7 @@ class BookKeepingEngine:
         norms = torch.where(keep, sq, torch.zeros((), dtype=sq.dtype, device=sq.device)).sqrt()  # (B,)
         coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         coef = torch.where(keep, coef, torch.zeros((), dtype=coef.dtype, device=coef.device))  # (B,)
-        keep_rows = keep if n_drop else None
+        keep_rows = keep if n_drop or not bool(real.all()) else None
         by_id = {id(p): n for n, p in params.items()}
         sums = self._zeros(params, acc, out)
         for unit in units:
@@ -393,7 +405,7 @@ class BookKeepingEngine:
                         self.methods[rule.name] = unit.used["linear_sqnorm"].split("/")[1]
             unit.reset()  # free A and G as soon as the layer (group) is done
         self.total_dropped += n_drop
-        return ChunkResult(sums, B, n_drop)
+        return ChunkResult(sums, int(real.sum()), n_drop)
 
 
 RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttention)

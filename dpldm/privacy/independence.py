@@ -16,10 +16,11 @@ that example alone").
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import torch
+
+from dpldm.privacy.batches import batch_size_of, select_rows
 
 RTOL = 1e-3  # allowed |batch sum - sum of singles| per example, as a fraction of C (fp32: ~1e-6 measured)
 RTOL_LOW_PRECISION = 2e-2  # bf16 / fp16 autocast forwards
@@ -27,44 +28,6 @@ RTOL_LOW_PRECISION = 2e-2  # bf16 / fp16 autocast forwards
 
 class ExampleMixingError(ValueError):
     """The model's per-example losses are not independent of each other (module docstring)."""
-
-
-def batch_size_of(batch: Any) -> int | None:
-    """The leading size of the first tensor in `batch` (a tensor, tuple/list, dict or dataclass)."""
-    for t in _tensors(batch):
-        return int(t.shape[0]) if t.dim() else None
-    return None
-
-
-def select_rows(batch: Any, idx: torch.Tensor, size: int) -> Any:
-    """`batch` restricted to rows `idx`: every tensor whose leading size is `size` is indexed,
-    anything else (ints, strings, tensors of other shapes) is kept as it is."""
-    if isinstance(batch, torch.Tensor):
-        return batch[idx.to(batch.device)] if batch.dim() and batch.shape[0] == size else batch
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(select_rows(b, idx, size) for b in batch)
-    if isinstance(batch, tuple):  # a namedtuple
-        return type(batch)(*(select_rows(b, idx, size) for b in batch))
-    if isinstance(batch, dict):
-        return {k: select_rows(v, idx, size) for k, v in batch.items()}
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(batch, **{f.name: select_rows(getattr(batch, f.name), idx, size)
-                                             for f in dataclasses.fields(batch) if f.init})
-    return batch
-
-
-def _tensors(batch: Any):
-    if isinstance(batch, torch.Tensor):
-        yield batch
-    elif isinstance(batch, (list, tuple)):
-        for b in batch:
-            yield from _tensors(b)
-    elif isinstance(batch, dict):
-        for b in batch.values():
-            yield from _tensors(b)
-    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        for f in dataclasses.fields(batch):
-            yield from _tensors(getattr(batch, f.name))
 
 
 def check_independence(clipped_sums: Callable[[Any], dict[str, torch.Tensor]], batch: Any, max_grad_norm: float,

@@ -332,7 +332,7 @@ class Trainer:
                                precision=tc.precision)
         self.dp = DPStep(unet, loss, self.ledger, noise=noise, optimizer=self.optimizer, world=ctx.world(),
                          norm_method=pc.norm_method, backend=pc.backend, physical_batch_size=pc.physical_batch_size,
-                         acc_dtype=torch.float64, selector=self.selector)
+                         acc_dtype=torch.float64, selector=self.selector, fixed_shape=self._fixed_shape(N))
         if resumed is not None:
             tensors, meta, folder = resumed
             restore_state(tensors, meta, trainable=self.trainable, ema=self.ema, optimizer=self.optimizer,
@@ -348,6 +348,17 @@ class Trainer:
         self.model.sync_check()
         self.resumed_from = str(resumed[2]) if resumed is not None else None
         self.saved_by = resumed[1]["world_size"] if resumed is not None else None
+
+    def _fixed_shape(self, N: int):
+        """The public step shape of a fixed-shape run (privacy.fixed_shape), else None."""
+        from dpldm.privacy.fixed_shape import plan_fixed_shape
+
+        pc, led = self.cfg.privacy, self.ledger
+        if not pc.fixed_shape:
+            return None
+        eps = pc.epsilon if pc.epsilon is not None else led.epsilon_after(pc.steps)
+        return plan_fixed_shape(N, led.sample_rate, pc.steps, eps, led.delta, pc.physical_batch_size,
+                                pc.truncation_delta)
 
     def _probe(self) -> None:
         """Before the first private chunk (collective): discarded forward+backward passes of the PUBLIC
@@ -402,9 +413,16 @@ class Trainer:
         if cfg.unet.dropout > 0:
             logger.info(f"[finetune] unet.dropout = {cfg.unet.dropout:g} is OFF in DP fine-tuning: the UNet runs in eval "
                         "mode (dropout masks drawn from the global RNG by row position would break the DP bound)")
+        fs = self.dp.fixed_shape
+        if fs is not None:
+            logger.info(f"[finetune] fixed-shape steps: {fs.num_chunks} chunks x {fs.rows} slots = {fs.num_chunks * fs.rows} "
+                        f"per step ({fs.num_chunks * fs.rows / led.expected_batch_size:.2f}x the expected batch); "
+                        f"samples above {fs.max_batch} are truncated (probability {fs.truncation_probability:.2g} per "
+                        f"step, accounted: delta + {fs.delta_truncation:.2g})")
         if not tc.not_private:
             logger.info("[finetune] private run: no step timings are logged (a step's duration grows with its "
-                        "realised Poisson batch, a private count)")
+                        "realised Poisson batch, a private count" + ("; with fixed-shape steps it does not" if fs
+                                                                    else "") + ")")
         if self.selector is not None:
             logger.info(f"[finetune] kernels chosen by measurement at set-up on public shapes (cached in "
                         f"{self.run_dir / KERNEL_CHOICES}):\n" + self.selector.summary())
@@ -502,7 +520,9 @@ class Trainer:
     def _meta(self) -> dict[str, Any]:
         from dpldm.utils.device import describe_device
 
-        return {"config": self.cfg.to_dict(), "init": self.init.to_dict(), "privacy": self.dp.state_dict(),
+        fixed = self.dp.fixed_shape.to_dict() if self.dp.fixed_shape is not None else None
+        return {"config": self.cfg.to_dict(), "init": self.init.to_dict(),
+                "privacy": {**self.dp.state_dict(), "fixed_shape": fixed},
                 "secrets": {"diffusion_seed": self.diffusion_seed},
                 "data": {"fingerprint": self.data.fingerprint, "num_examples": len(self.data),
                          "description": self.data.description},
@@ -557,7 +577,8 @@ class Trainer:
 
         cfg, led = self.cfg, self.ledger
         report = privacy_report(led, cfg.privacy, private=not cfg.train.not_private, trainable=self.trainable_params,
-                                total=self.total_params, finetune=cfg.train.finetune)
+                                total=self.total_params, finetune=cfg.train.finetune,
+                                fixed_shape=self.dp.fixed_shape.to_dict() if self.dp.fixed_shape else None)
         result: dict[str, Any] = {"model": None, "privacy": report, "steps_done": led.steps_done,
                                   "finished": led.steps_done >= cfg.privacy.steps, "stop_reason": stop_reason,
                                   "device": describe_device(self.ctx.device), "precision": cfg.train.precision,
@@ -651,7 +672,7 @@ def release_from_checkpoint(checkpoint: str | Path, out: str | Path, init: str |
     total = sum(t.numel() for t in ldm.unet.state_dict().values())
     trainable = sum(tensors[f"train.{n}"].numel() for n in meta["trainable"])
     report = privacy_report(ledger, cfg.privacy, private=not cfg.train.not_private, trainable=trainable, total=total,
-                            finetune=cfg.train.finetune)
+                            finetune=cfg.train.finetune, fixed_shape=meta["privacy"].get("fixed_shape"))
     extra = {"privacy": report, "finetuned_from": meta["init"]["folder"], "private_data": meta["data"]["description"],
              "released_from": {"checkpoint": str(p), "step": meta["step"],
                                "weights": "ema" if prefix == "ema" else "last iterate"}}

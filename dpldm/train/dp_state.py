@@ -300,7 +300,8 @@ def check_same_init(meta: dict[str, Any], init: InitInfo, where: str) -> None:
 
 # -- the public privacy report ---------------------------------------------------------------------
 
-def privacy_report(ledger, privacy_cfg, *, private: bool, trainable: int, total: int, finetune: str) -> dict[str, Any]:
+def privacy_report(ledger, privacy_cfg, *, private: bool, trainable: int, total: int, finetune: str,
+                   fixed_shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """What is published with the model: numbers of the mechanism, never a seed. A run whose
     randomness came from the config (`train.deterministic`) is NOT private: epsilon = inf (the
     accountant's number, valid only for secret noise, is kept as `epsilon_if_noise_were_secret`)."""
@@ -312,6 +313,13 @@ def privacy_report(ledger, privacy_cfg, *, private: bool, trainable: int, total:
            "accountant": ledger.accountant_name,
            "sampling": "poisson", "private": private, "trainable_parameters": trainable,
            "total_unet_parameters": total, "finetune": finetune}
+    # fixed-shape steps truncate the Poisson sample at a public size; that event is accounted in delta
+    # (dpldm.privacy.fixed_shape): delta_total = delta + T p (1 + e^eps) over every executed step
+    rep["fixed_shape"] = fixed_shape
+    trunc = 0.0
+    if fixed_shape is not None and fixed_shape["truncation_probability"] > 0:
+        trunc = ledger.executed_steps() * fixed_shape["truncation_probability"] * (1 + math.exp(min(accounted, 700.0)))
+    rep["delta_truncation"], rep["delta_total"] = trunc, ledger.delta + trunc
     if not private:
         rep["epsilon_if_noise_were_secret"] = accounted
         rep["why_not_private"] = ("train.deterministic: noise, sampling and diffusion draws were seeded from the "

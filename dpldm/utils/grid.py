@@ -22,13 +22,20 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 2, upscale: int = 1) -> Path:
-    """Write `images` as a PNG grid (atomically); `upscale` enlarges pixels (nearest)."""
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 2, upscale: int = 1,
+                    tag: tuple[str, str] | None = None) -> Path:
+    """Write `images` as a PNG grid (atomically); `upscale` enlarges pixels (nearest); `tag`: a
+    (key, value) PNG text chunk saying which command wrote it (what its --overwrite may replace)."""
+    from PIL.PngImagePlugin import PngInfo
+
     grid = image_grid(images, nrow, pad)
     img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
+    info = PngInfo()
+    if tag is not None:
+        info.add_text(*tag)
     path = Path(path)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", pnginfo=info)
     return path

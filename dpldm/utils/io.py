@@ -14,10 +14,12 @@ files it holds. `--overwrite` replaces only such a folder, of the same kind, hol
 else; never a folder without the marker (the user's own files), an input of the command or a
 folder that contains one, the working directory or a folder above it, `/` or `$HOME` (or a
 folder above it). Each refusal is one line naming the path and why, before anything is written.
+An output FILE (`check_output_file`) never lands on an input or on a file inside an input folder.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -130,6 +132,18 @@ def write_marker(folder: Path, kind: str) -> None:
                                              "entries": entries}, indent=1) + "\n", encoding="utf-8")
 
 
+def resolve_path(path: str | Path, flag: str) -> Path:
+    """`Path(path).resolve()`, or one UserError naming `flag` and the path when resolving it runs into a
+    loop of symbolic links (Python 3.11 raises RuntimeError there, 3.13 OSError ELOOP)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise UserError(f"{flag} {path}: cannot resolve it ({e.strerror or e})") from None
+    raise UserError(f"{flag} {path}: a loop of symbolic links (resolving it never reaches a file or folder); "
+                    "fix or remove the link, or choose another path")
+
+
 def model_inputs(checkpoint: str | Path | None, flag: str = "--checkpoint") -> list[tuple[str, Path | None]]:
     """The inputs of a command that reads a model: the folder given and, for a run folder, the
     model folder inside it (`RUN/model`, as dpldm.models.ldm reads it)."""
@@ -151,11 +165,11 @@ def check_output_dir(dest: str | Path, kind: str, *, overwrite: bool, inputs: In
                             else f"{shown}: cannot create it, {anc} is a file")
         if anc.exists():
             break
-    real = dest.resolve()
+    real = resolve_path(dest, flag)
     for what, inp in inputs:
         if inp is None or not Path(inp).exists():
             continue
-        src = Path(inp).resolve()
+        src = resolve_path(inp, what)
         if real == src:
             raise UserError(f"{shown}: is the input {what} {inp} itself; write elsewhere (an output never replaces "
                             "what the command reads)")
@@ -192,6 +206,26 @@ def check_output_dir(dest: str | Path, kind: str, *, overwrite: bool, inputs: In
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise UserError(f"{shown}: holds {foreign[0]!r}{more}, which dpldm did not write there; --overwrite never "
                         "deletes files dpldm did not write: move them out or choose a new folder")
+
+
+def check_output_file(dest: str | Path, inputs: Inputs = (), flag: str = "--out") -> None:
+    """Refuse an output FILE that would land on one of the command's inputs: the input itself (an
+    .npz it reads) or a file inside an input folder (the --checkpoint's weights, a run folder's
+    config.json), whatever --overwrite says. A new file inside an input folder is fine."""
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    real = resolve_path(dest, flag)
+    for what, inp in inputs:
+        if inp is None or not Path(inp).exists():
+            continue
+        src = resolve_path(inp, what)
+        if real == src:
+            raise UserError(f"{flag} {dest}: is the input {what} {inp} itself; write elsewhere (an output never "
+                            "replaces what the command reads, whatever --overwrite says)")
+        if src in real.parents:
+            raise UserError(f"{flag} {dest}: is a file of the input {what} {inp}; write elsewhere (an output never "
+                            "replaces what the command reads, whatever --overwrite says)")
 
 
 def follow_umask(folder: Path, dir_mode: int) -> None:
