@@ -44,14 +44,46 @@ def migrate_legacy(old: dict, path: Path) -> dict:
         variant, _, eps_text = key.partition("@eps=")
         if variant not in VARIANTS:
             raise UserError(f"{path}: entry {key!r} names no known variant ({', '.join(VARIANTS)})")
-        eps = float(eps_text) if eps_text else None
+        try:
+            eps = float(eps_text) if eps_text else None
+        except ValueError:
+            raise UserError(f"{path}: entry {key!r}: {eps_text!r} after '@eps=' is not a number") from None
         spec = {"dp-attention": "attention:all", "dp-full": "all"}.get(variant)
         runs[run_key(variant, eps, 0)] = {**row, "variant": variant, "epsilon_target": eps, "rep": 0, "seed": 0,
                                           **({"finetune": spec} if spec else {}), "migrated_from": key}
     return {"schema": SCHEMA, "settings_sha256": None, "settings": None, "migrated_from_schema": 1, "runs": runs}
 
 
+# the fields of a run that the table computes with: each a number (JSON null: not measured)
+NUMBER_FIELDS = ("epsilon_target", "epsilon", "accuracy", "fid", "kid", "seconds", "trainable_parameters",
+                 "fid_n_samples")
+
+
+def check_run(key: str, row: Any, path: Path) -> None:
+    """One run of results.json is what `record` writes: a JSON object naming a known variant, its
+    repetition an integer, every NUMBER_FIELDS value a number or null, its finetune spec a string."""
+    where = f"{path}: run {key!r}"
+    if not isinstance(row, dict):
+        raise UserError(f"{where} is not a run (expected a JSON object, got {type(row).__name__}); fix or remove the "
+                        "run, or use another --out")
+    if row.get("variant") not in VARIANTS:
+        raise UserError(f"{where}: variant {row.get('variant')!r} is not one of {', '.join(VARIANTS)}; fix or remove "
+                        "the run, or use another --out")
+    bad = [(k, row[k]) for k in NUMBER_FIELDS if row.get(k) is not None and
+           (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
+    if "rep" in row and (isinstance(row["rep"], bool) or not isinstance(row["rep"], int)):
+        bad.append(("rep", row["rep"]))
+    if row.get("finetune") is not None and not isinstance(row["finetune"], str):
+        bad.append(("finetune", row["finetune"]))
+    if bad:
+        k, v = bad[0]
+        kind = "an integer" if k == "rep" else "a string or null" if k == "finetune" else "a number or null"
+        raise UserError(f"{where}: {k!r} must be {kind}, got {v!r}; fix or remove the run, or use another --out")
+
+
 def read_results(path: Path) -> dict:
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path}: is a folder, not a results file; move it away or use another --out")
     if not path.is_file():
         return {"schema": SCHEMA, "settings_sha256": None, "settings": None, "runs": {}}
     try:
@@ -62,10 +94,12 @@ def read_results(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a results file (expected a JSON object)")
     if "schema" not in data:
-        return migrate_legacy(data, path)
-    if data.get("schema") != SCHEMA or not isinstance(data.get("runs"), dict):
+        data = migrate_legacy(data, path)
+    elif data.get("schema") != SCHEMA or not isinstance(data.get("runs"), dict):
         raise UserError(f"{path}: results schema {data.get('schema')!r} is not understood (expected {SCHEMA} with "
                         "a 'runs' object)")
+    for key, row in data["runs"].items():
+        check_run(key, row, path)
     return data
 
 

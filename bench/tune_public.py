@@ -13,7 +13,10 @@ score; ties: the first in grid order) is chosen. Candidates that differ only in 
     python bench/tune_public.py --quick --grid diffusion.guidance_scale=1,2        # smoke run (tests)
 
 Prints a table; writes <out>/report.json (atomically), a sample grid per candidate, the stand-in
-set (<out>/proxy_private_N.npz, public) and the proxy's fine-tuned models (<out>/finetune/).
+set (<out>/proxy_private_N.npz, public) and the proxy's fine-tuned models (<out>/finetune/). An --out
+whose stand-in set differs from this run's (another --seed or proxy config) is refused. A fine-tuning
+stopped by SIGINT/SIGTERM or a STOP file keeps its checkpoint: the tool says so in one line and exits
+130 without a report; the same command continues it.
 """
 from __future__ import annotations
 
@@ -49,6 +52,10 @@ CONTROLLED = ("data.private", "privacy.epsilon", "privacy.sample_rate", "privacy
 SAMPLING_KEYS = ("diffusion.guidance_scale", "diffusion.eta", "diffusion.sample_steps", "diffusion.sampler")
 BASELINE = "public model, no fine-tuning (reference)"
 TABLE_HEADER = "| candidate | class fidelity (judge): mean | worst class | downstream acc. (proxy test) | score |"
+
+
+class Stopped(Exception):
+    """A proxy fine-tuning stopped before its last step (SIGINT, SIGTERM, a STOP file): checkpointed."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,6 +187,10 @@ def finetune(cfg: RunConfig, run_dir: Path, verbose: bool):
         return ldm, ldm.meta["privacy"]
     res = train(cfg, FinetuneOptions(out=run_dir, init=cfg.train.init_checkpoint or None, resume="auto",
                                       verbose=verbose, command=PROG))
+    if res["model"] is None:  # stopped before the last step: no model released, the checkpoint is kept
+        raise Stopped(f"the proxy fine-tuning in {run_dir} stopped at step {res['steps_done']} of "
+                      f"{cfg.privacy.steps} ({res.get('stop_reason')}); its checkpoint is kept: run the same command "
+                      "again to continue (no report was written)")
     return load_ldm(res["model"]), res["privacy"]
 
 
@@ -223,6 +234,19 @@ def table(cands: list[Candidate], chosen: int, baseline: Candidate | None = None
         lines.append(f"| {c.name}{mark} | {100 * r['fidelity']:.1f}% | {100 * r['fidelity_per_class'][worst]:.1f}% "
                      f"('{worst}') | {100 * r['downstream_accuracy']:.1f}% | {r['score']:.6f} |")
     return "\n".join(lines)
+
+
+def standin_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+
+
+def stored_standin_sha256(npz: Path) -> str | None:
+    """The sha256 of the stand-in set an earlier run left in its --out (None: not a readable set)."""
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            return standin_sha256(z["images"], z["labels"])
+    except Exception:  # noqa: BLE001 - a folder, not an .npz, no such arrays: not the tool's file
+        return None
 
 
 def machine() -> str:
@@ -281,9 +305,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"privacy.expected_batch_size={pc.expected_batch_size} exceeds the proxy's N={n} "
                         "(proxy.num_examples)")
     images, labels = standin_private_set(splits, n, proxy)
-    out.mkdir(parents=True, exist_ok=True)
     npz = out / f"proxy_private_{n}.npz"
-    data_sha = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    data_sha = standin_sha256(images, labels)
+    if npz.exists():  # the proxy runs read it by name: never train on another run's set under this one's hash
+        held = stored_standin_sha256(npz)
+        if held != data_sha:
+            what = ("another stand-in set than this run's (made with another --seed or proxy config)" if held
+                    else "no readable stand-in set")
+            raise UserError(f"{npz} holds {what}; use another --out (nothing was changed)")
+    out.mkdir(parents=True, exist_ok=True)
     if not npz.is_file():
         tmp = out / f".{npz.name}.tmp.npz"
         np.savez(tmp, images=images, labels=labels)
@@ -360,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"{PROG}: stopped: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (no report was written)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

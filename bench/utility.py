@@ -145,9 +145,11 @@ def ablation_specs(unet) -> dict[str, str]:
 
 # -- results.json --------------------------------------------------------------------------------
 
-def settings_of(base: RunConfig, args: argparse.Namespace) -> tuple[dict, str]:
+def settings_of(base: RunConfig, args: argparse.Namespace, quick_source: str | None = None) -> tuple[dict, str]:
     """Everything a run's numbers depend on besides its (variant, epsilon, repetition): the recipe
-    (minus what the tool sets per run) and the protocol. Threads and the output folder are excluded."""
+    (minus what the tool sets per run) and the protocol; with --quick also the private source the
+    subset is cut from (`quick_source`: the recipe's data.private then names the subset's file).
+    Threads and the output folder are excluded."""
     from dpldm.eval.dp_classifier import config_dict
 
     d = base.to_dict()
@@ -159,7 +161,8 @@ def settings_of(base: RunConfig, args: argparse.Namespace) -> tuple[dict, str]:
     settings = json.loads(json.dumps({
         "recipe": d, "quick": bool(args.quick), "samples_per_class": samples_per_class(args),
         "fid": None if fid_off(args) else {"samples": args.fid_samples, "subset_seed": 0},
-        "downstream_cnn": cnn, "direct_classifier": config_dict(direct_config(args))}))
+        "downstream_cnn": cnn, "direct_classifier": config_dict(direct_config(args)),
+        **({"quick_source": quick_source} if args.quick else {})}))
     return settings, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -190,12 +193,23 @@ def downstream_config(args, seed: int):
 
 def quick_private_source(source: str, path: Path) -> Path:
     """--quick: a stratified subset (QUICK_PER_CLASS per class of each split) of the private source as
-    an .npz with train_/test_ arrays, so the smoke run's fine-tunings encode few images."""
+    an .npz with train_/test_ arrays, so the smoke run's fine-tunings encode few images; it records
+    the source it was cut from (`source`), and a subset of another source is refused, never reused."""
     from dpldm.data.sources import load_source
 
-    if path.is_file():
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                held = str(z["source"]) if "source" in z.files else None
+        except Exception as e:  # noqa: BLE001 - a folder, not an .npz: not the tool's file
+            raise UserError(f"{path}: not a --quick subset this tool wrote ({type(e).__name__}); use another --out "
+                            "(nothing was changed)") from None
+        if held != source:
+            cut = f"cut from data.private={held!r}" if held is not None else "that does not record its data.private"
+            raise UserError(f"{path}: a --quick subset {cut}, not from {source!r}; use another --out (nothing was "
+                            "changed)")
         return path
-    arrays = {}
+    arrays = {"source": np.array(source)}
     for split in ("train", "test"):
         x, y, _ = load_source(source, split)
         idx = np.concatenate([np.flatnonzero(y == c)[:QUICK_PER_CLASS] for c in np.unique(y)])  # (n,)
@@ -336,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:  # the smoke run's private set: a subset of the recipe's (written below)
         sets.append(f"data.private={json.dumps(str(out / QUICK_NPZ))}")
         base = load_config(args.config, sets)
-    settings, sha = settings_of(base, args)
+    settings, sha = settings_of(base, args, quick_source=source if args.quick else None)
     data = read_results(results_path)  # refuse a foreign or unreadable results.json before computing anything
     check_settings(data, settings, sha, results_path)
     torch.set_num_threads(args.threads)

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpldm.utils.io import atomic_dir, check_output_dir, model_inputs
+    from dpldm.utils.io import atomic_dir, check_output_dir, model_inputs, resolve_path
     from dpldm.interop.diffusers_folder import export_diffusers, is_private, verify_export
     from dpldm.models.ldm import load_ldm, save_ldm
     from dpldm.utils.device import resolve_device
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; export writes a folder")
-    if Path(args.checkpoint).resolve() == out.resolve():
+    if resolve_path(args.checkpoint, "--checkpoint") == resolve_path(out, "--out"):
         raise UserError(f"--out {out}: is the --checkpoint folder itself; write elsewhere")
     if args.format == "dpldm" and (args.no_ema or args.verify):
         raise UserError("--no-ema and --verify apply to --format diffusers only")

@@ -6,7 +6,8 @@
     print(sel.summary())          # once: one line per layer shape, the choice and every time
 
 For each distinct key (op, public layer shape (T, d_in, d_out, bias) or (N, C), the CONFIGURED
-physical batch size P, dtype, device type, restriction) the candidates that can run are timed
+physical batch size P -- capped at the number of private examples N by `cap_rows(N)`: a chunk never
+holds more --, dtype, device type, restriction) the candidates that can run are timed
 on synthetic random tensors of that shape (P examples; never the private batch, and never the
 realised chunk size, which is private), after `warmup` untimed calls, `repeats` times,
 synchronised on CUDA; the median is kept and the fastest candidate wins. The choice is kept in
@@ -162,6 +163,18 @@ class KernelSelector:
         if self.log is not None:
             self.log(f"kernel selection: {choice.line()}")
         return by_name[choice.choice], f"measured: {choice.line()}"
+
+    def cap_rows(self, num_examples: int) -> int:
+        """Measure at P = min(P, num_examples) rows from now on, and return that P. A physical chunk never
+        holds more than the N private examples (N is public: the accountant and the run's log use it), so
+        timing more rows only costs time and memory: privacy.physical_batch_size=200000 on N = 40 timed
+        every candidate at 200,000 rows (2.6-10 s and 6-12 GB each). The trainer calls it once N is known,
+        before the set-up probe measures anything; the keys then name the capped P (the same on a resume,
+        which must read the same data)."""
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+            raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+        self.P = min(self.P, num_examples)
+        return self.P
 
     def pin_budget(self, device: torch.device) -> int:
         """Read the memory budget of `device` now (free GPU memory: call it before any private data

@@ -83,6 +83,14 @@ def npz(o: Path) -> Path:
     return o.with_suffix(".npz")
 
 
+def loop(path: Path) -> Path:
+    """`path` as a loop of two symbolic links (path -> path.2 -> path)."""
+    other = path.with_name(path.name + ".2")
+    path.symlink_to(other.name)
+    other.symlink_to(path.name)
+    return path
+
+
 PRIV = ["--delta", "1e-5", "--sample-rate", "0.01"]
 
 ROWS = [
@@ -164,6 +172,13 @@ ROWS = [
     Row("export-dpldm-no-ema", "`--format dpldm --no-ema`",
         lambda e, o: ["export", "--checkpoint", str(e.hub), "--format", "dpldm", "--no-ema", "--out", str(o)],
         "--no-ema and --verify apply to --format diffusers only"),
+    Row("export-checkpoint-symlink-loop", "`--checkpoint` a loop of symbolic links (was: RuntimeError traceback)",
+        lambda e, o: ["export", "--checkpoint", str(loop(o.with_name("model"))), "--out", str(o)],
+        "--checkpoint {outs}/model: a loop of symbolic links (resolving it never reaches a file or folder)"),
+    Row("export-out-symlink-loop", "`--out` a loop of symbolic links (was: RuntimeError traceback)",
+        lambda e, o: ["export", "--checkpoint", str(e.exportable), "--out", str(loop(o)), "--overwrite"],
+        "--out {outs}/out: a loop of symbolic links (resolving it never reaches a file or folder); fix or remove "
+        "the link, or choose another path"),
     Row("import-config-mismatch", "diffusers folder whose unet/config.json disagrees with dpldm.json",
         lambda e, o: smp(e, npz(o), "--format", "npz", model=e.broken_hub("mismatch", _mismatch)),
         "unet/config.json: does not match"),
@@ -216,7 +231,7 @@ def test_bad_input(row: Row, env: Env, tmp_path: Path, with_export):
     errors = [ln for ln in lines if ": error: " in ln]
     assert len(errors) == 1 and errors[0] == lines[-1], lines  # ONE error line, last
     assert re.match(rf"dpldm {argv[0]}: error: ", errors[0]), errors[0]
-    assert row.needle in errors[0], errors[0]
+    assert row.needle.replace("{outs}", str(out_dir)) in errors[0], errors[0]
     assert {p.name: tree_hash(p) for p in out_dir.iterdir()} == before  # nothing created, changed or left behind
 
 

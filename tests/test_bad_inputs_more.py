@@ -105,6 +105,21 @@ def _file(o: Path, name: str = "a_file") -> Path:
     return path
 
 
+def _copy(src: Path, o: Path) -> Path:
+    """A copy of a shared input in the row's folder (hashed: an output landing on it would show)."""
+    path = o.parent / src.name
+    shutil.copyfile(src, path)
+    return path
+
+
+def _labelled(o: Path, name: str, labels: list[int]) -> Path:
+    """An .npz of len(labels) 16x16 images in the row's folder, labelled `labels`."""
+    path = o.parent / f"{name}.npz"
+    np.savez(path, images=np.random.default_rng(5).integers(0, 256, (len(labels), 16, 16), dtype=np.uint8),
+             labels=np.array(labels, dtype=np.int64))
+    return path
+
+
 def _config(o: Path, data: bytes) -> Path:
     path = o.parent / "recipe.toml"
     path.write_bytes(data)
@@ -415,7 +430,7 @@ ROWS = [
     Row("evaluate-kid-subset-size-one", "`--kid-subset-size 1`", lambda e, o: ev(e, "--kid-subset-size", "1"),
         "--kid-subset-size must be >= 2, got 1"),
     Row("evaluate-num-classes-zero", "`--num-classes 0`", lambda e, o: ev(e, "--num-classes", "0"),
-        "--num-classes must be >= 1, got 0"),
+        "--num-classes must lie in [1, 1000], got 0"),
     Row("evaluate-epochs-huge", "`--classifier-epochs 10**9` (would run for days)",
         lambda e, o: ev(e, "--classifier-epochs", str(10**9)), "--classifier-epochs must lie in [1, 10000]"),
     Row("evaluate-fid-samples-one", "`--fid-samples 1`",
@@ -432,6 +447,30 @@ ROWS = [
     Row("evaluate-samples-text", "`--samples` a text file",
         lambda e, o: ["evaluate", "--samples", str(_file(o, "notes.txt")), "--no-fid", "--real-test", str(e.real_test)],
         "is neither an .npz file nor a folder of PNGs"),
+    Row("evaluate-json-is-samples", "`--json` the `--samples` file (was: overwritten with the JSON, exit 0)",
+        lambda e, o: ["evaluate", "--samples", str(_copy(e.syn, o)), "--real-test", str(e.real_test), "--no-fid",
+                      "--quiet", "--no-cache", "--json", str(o.parent / e.syn.name)],
+        "syn.npz: is the input --samples "),
+    Row("evaluate-json-is-real-test", "`--json` the `--real-test` file (was: overwritten, exit 0)",
+        lambda e, o: ["evaluate", "--samples", str(e.syn), "--real-test", str(_copy(e.real_test, o)), "--no-fid",
+                      "--quiet", "--no-cache", "--json", str(o.parent / e.real_test.name)],
+        "real_test.npz: is the input --real-test "),
+    Row("evaluate-json-is-real", "`--json` the `--real` file (was: overwritten, exit 0)",
+        lambda e, o: ev(e, "--real", str(_copy(e.syn, o)), "--json", str(o.parent / e.syn.name)),
+        "syn.npz: is the input --real "),
+    Row("evaluate-json-foreign-file", "`--json` an existing file that is not a report of `dpldm evaluate` (was: "
+        "replaced, exit 0)", lambda e, o: ev(e, "--json", str(_file(o, "notes.json"))),
+        "notes.json: exists and is not a report `dpldm evaluate` wrote; refusing to replace it"),
+    Row("evaluate-labels-huge", "labels {0, 10**6, 2*10**6} (was: hung building a 2,000,001-class CNN)",
+        lambda e, o: ["evaluate", "--samples", str(_labelled(o, "big", [0, 10**6, 2 * 10**6] * 10)), "--real-test",
+                      str(e.real_test), "--no-fid", "--quiet", "--no-cache"],
+        "big.npz): label 2000000 out of range: labels must lie in [0, 1,000)"),
+    Row("evaluate-label-2-62", "a label 2**62 (was: traceback)",
+        lambda e, o: ["evaluate", "--samples", str(e.syn), "--real-test", str(_labelled(o, "huge", [0, 1, 2**62])),
+                      "--no-fid", "--quiet", "--no-cache"],
+        "huge.npz): label 4611686018427387904 out of range: labels must lie in [0, 1,000)"),
+    Row("evaluate-num-classes-huge", "`--num-classes 10**6`", lambda e, o: ev(e, "--num-classes", str(10**6)),
+        "--num-classes must lie in [1, 1000], got 1000000"),
     # -- dpldm demo: every flag before the privacy-spending fine-tuning ------------------------------------
     Row("demo-samples-per-class-zero", "`demo --samples-per-class 0` (was: checked after the budget was spent)",
         lambda e, o: demo(o, "--samples-per-class", "0"), "--samples-per-class must lie in [1, 1,000,000], got 0"),
@@ -565,6 +604,16 @@ def test_evaluate_prints_the_result_when_the_json_write_fails(env: MoreEnv, tmp_
     result = json.loads(stdout[start:stdout.rindex("}") + 1])
     assert result["n_test_real"] == 15 and 0.0 <= result["accuracy"] <= 1.0
     assert not target.exists()
+
+
+def test_evaluate_replaces_its_own_report(env: MoreEnv, tmp_path: Path):
+    """The --json refusals (`evaluate-json-*`) leave a rerun into the same report working: a report that
+    `dpldm evaluate` wrote is replaced (evaluate has no --overwrite; this is what it always did)."""
+    target = tmp_path / "r.json"
+    for epochs in ("1", "2"):
+        code, _, stderr = run_in_process(main, ev(env, "--classifier-epochs", epochs, "--json", str(target)))
+        assert code == 0, stderr[-2000:]
+    assert json.loads(target.read_text())["epochs_run"] >= 1 and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 def test_guidance_that_stays_finite_still_samples(env: MoreEnv, tmp_path: Path):

@@ -8,12 +8,14 @@ hashes the same before and after (`--out <case>/out` is not created unless the r
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
+import numpy as np
 import pytest
 from cli_harness import run_in_process, tree_hash
 
@@ -42,12 +44,30 @@ def other_settings() -> str:
     return json.dumps({"schema": 2, "settings_sha256": "0" * 16, "settings": settings, "runs": {}})
 
 
+def quick_settings(source: str) -> str:
+    """A results.json of `--quick` runs whose subset was cut from `source` (<case>: the row's folder)."""
+    args = tool.parse_args(["--quick", "--threads", "1"])
+    args.epsilons, args.repeats = list(tool.QUICK_EPSILONS), tool.QUICK_REPEATS
+    subset = f'data.private="<case>/out/{tool.QUICK_NPZ}"'
+    base = tool.load_config(str(REPO / "configs" / "demo.toml"), tool.QUICK_SETS + ["train.threads=1", subset])
+    settings, _ = tool.settings_of(base, args, quick_source=source)
+    return json.dumps({"schema": 2, "settings_sha256": "0" * 16, "settings": settings, "runs": {}})
+
+
+def quick_subset(source: str) -> bytes:
+    """A --quick subset .npz as the tool writes it, cut from `source`."""
+    buf = io.BytesIO()
+    np.savez(buf, source=np.array(source), train_images=np.zeros((2, 28, 28), np.uint8),
+             train_labels=np.arange(2), test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.arange(2))
+    return buf.getvalue()
+
+
 @dataclass
 class Row:
     id: str
     argv: list[str]  # <case> is replaced by the row's folder
     message: str  # the whole error line after "utility: error: " (<case> replaced)
-    files: dict[str, Union[str, Callable[[], str]]] | None = None  # files the row prepares in <case>
+    files: dict[str, Union[str, bytes, Callable[[], str]]] | None = None  # files the row prepares in <case>
 
 
 VARIANT_CHOICES = ", ".join(f"'{v}'" for v in tool.VARIANTS)
@@ -88,6 +108,28 @@ ROWS = [
     Row("results-json-other-settings", [],
         "<case>/out/results.json holds runs made with other settings (recipe.data.seed: 7 -> 0); use another --out "
         "(nothing was changed)", {"out/results.json": other_settings}),
+    Row("results-json-is-folder", [], "<case>/out/results.json: is a folder, not a results file; move it away or "
+        "use another --out", {"out/results.json/notes.txt": "mine"}),
+    Row("results-json-run-not-object", [], "<case>/out/results.json: run 'public' is not a run (expected a JSON "
+        "object, got int); fix or remove the run, or use another --out",
+        {"out/results.json": '{"schema": 2, "runs": {"public": 3}}'}),
+    Row("results-json-run-no-variant", [], "<case>/out/results.json: run 'x': variant None is not one of "
+        f"{', '.join(tool.VARIANTS)}; fix or remove the run, or use another --out",
+        {"out/results.json": '{"schema": 2, "runs": {"x": {"accuracy": 0.5}}}'}),
+    Row("results-json-run-bad-number", [], "<case>/out/results.json: run 'public': 'accuracy' must be a number or "
+        "null, got 'high'; fix or remove the run, or use another --out",
+        {"out/results.json": '{"schema": 2, "runs": {"public": {"variant": "public", "accuracy": "high"}}}'}),
+    Row("results-json-run-rep-text", [], "<case>/out/results.json: run 'dp-full@eps=1@rep=0': 'rep' must be an "
+        "integer, got '0'; fix or remove the run, or use another --out",
+        {"out/results.json": '{"schema": 2, "runs": {"dp-full@eps=1@rep=0": {"variant": "dp-full", "rep": "0"}}}'}),
+    Row("results-json-legacy-bad-epsilon", [], "<case>/out/results.json: entry 'dp-full@eps=ten': 'ten' after "
+        "'@eps=' is not a number", {"out/results.json": '{"dp-full@eps=ten": {"accuracy": 0.5}}'}),
+    Row("results-quick-other-private", ["--quick", "--set", 'data.private="<case>/other.npz"'],
+        "<case>/out/results.json holds runs made with other settings (quick_source: 'mnist5k' -> '<case>/other.npz'); "
+        "use another --out (nothing was changed)", {"out/results.json": lambda: quick_settings("mnist5k")}),
+    Row("results-quick-subset-other-source", ["--quick", "--set", 'data.private="<case>/other.npz"'],
+        f"<case>/out/{tool.QUICK_NPZ}: a --quick subset cut from data.private='mnist5k', not from '<case>/other.npz'; "
+        "use another --out (nothing was changed)", {f"out/{tool.QUICK_NPZ}": quick_subset("mnist5k")}),
 ]
 
 
@@ -97,7 +139,8 @@ def test_bad_input(row: Row, tmp_path: Path) -> None:
     case.mkdir()
     for name, text in (row.files or {}).items():
         (case / name).parent.mkdir(parents=True, exist_ok=True)
-        (case / name).write_text(text() if callable(text) else text)
+        text = text() if callable(text) else text
+        (case / name).write_bytes(text if isinstance(text, bytes) else text.replace("<case>", str(case)).encode())
     argv = [a.replace("<case>", str(case)) for a in row.argv]
     if "--out" not in argv:
         argv += ["--out", str(case / "out")]
@@ -121,3 +164,21 @@ def test_rows_are_documented() -> None:
     missing = [r.id for r in ROWS if f"`{r.id}`" not in section]
     assert not missing, f"rows missing from docs/errors.md ({SECTION}): {missing}"
     assert len({r.id for r in ROWS}) == len(ROWS)
+
+
+def test_quick_subset_is_reused_only_for_its_own_source(tmp_path: Path) -> None:
+    """The --quick subset records the data.private it was cut from: the same source reuses it (byte for
+    byte), another source is refused (`results-quick-subset-other-source`), never silently reused."""
+    src = tmp_path / "src.npz"
+    np.savez(src, train_images=np.zeros((60, 8, 8), np.uint8), train_labels=np.arange(60) % 3,
+             test_images=np.zeros((30, 8, 8), np.uint8), test_labels=np.arange(30) % 3)
+    path = tmp_path / "out" / tool.QUICK_NPZ
+    path.parent.mkdir()
+    assert tool.quick_private_source(str(src), path) == path
+    with np.load(path) as z:
+        assert str(z["source"]) == str(src) and sorted(z["train_labels"].tolist()) == sorted([0, 1, 2] * tool.QUICK_PER_CLASS)
+    before = path.read_bytes()
+    assert tool.quick_private_source(str(src), path) == path and path.read_bytes() == before
+    with pytest.raises(tool.UserError, match="a --quick subset cut from data.private=.*, not from 'other'"):
+        tool.quick_private_source("other", path)
+    assert path.read_bytes() == before

@@ -3,15 +3,18 @@ tool (issue 16)").
 
 Each row runs the tool's `main([...])` in-process: exit code 2, ONE stderr line
 `tune_public: error: ...` naming the problem (no traceback, no usage block), and nothing written:
-the row's folder `<case>` hashes the same before and after (`--out` is not created).
+the row's folder `<case>` hashes the same before and after (`--out` is not created unless the row
+prepared it).
 """
 from __future__ import annotations
 
 import importlib.util
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cli_harness import tree_hash
 
@@ -32,7 +35,13 @@ class Row:
     id: str
     argv: list[str]  # <case> is replaced by the row's folder
     message: str  # the whole error line after "tune_public: error: " (<case> replaced)
-    files: dict[str, str] | None = None  # files the row prepares in <case>
+    files: dict[str, str | bytes] | None = None  # files the row prepares in <case>
+
+
+def npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 GOOD_PROXY = (REPO / "configs" / "proxy" / "digits.toml").read_text()
@@ -88,6 +97,15 @@ ROWS = [
         "--out <case>/a_file/run: cannot use it as the output folder, <case>/a_file is a file", {"a_file": "x"}),
     Row("tune-batch-exceeds-proxy", ["--quick", "--set", "privacy.expected_batch_size=100"],
         "privacy.expected_batch_size=100 exceeds the proxy's N=64 (proxy.num_examples)"),
+    Row("tune-out-other-standin", ["--quick"],
+        "<case>/out/proxy_private_64.npz holds another stand-in set than this run's (made with another --seed or "
+        "proxy config); use another --out (nothing was changed)",
+        {"out/proxy_private_64.npz": npz_bytes(images=np.zeros((64, 32, 32), np.uint8),
+                                               labels=np.arange(64, dtype=np.int64) % 10),
+         "out/report.json": '{"proxy": {"seed": 0}}\n'}),
+    Row("tune-out-unreadable-standin", ["--quick"],
+        "<case>/out/proxy_private_64.npz holds no readable stand-in set; use another --out (nothing was changed)",
+        {"out/proxy_private_64.npz": "not an npz"}),
 ]
 
 
@@ -96,10 +114,12 @@ def test_bad_input(row: Row, tmp_path: Path, capsys) -> None:
     case = tmp_path / "case"
     case.mkdir()
     for name, text in (row.files or {}).items():
-        (case / name).write_text(text)
+        (case / name).parent.mkdir(parents=True, exist_ok=True)
+        (case / name).write_bytes(text if isinstance(text, bytes) else text.encode())
     argv = [a.replace("<case>", str(case)) for a in row.argv]
     if "--out" not in argv:
         argv += ["--out", str(case / "out")]
+    prepared_out = (case / "out").exists()
     before = tree_hash(case)
     tool = load_tool()
     try:
@@ -111,7 +131,7 @@ def test_bad_input(row: Row, tmp_path: Path, capsys) -> None:
     assert len(err) == 1, err
     assert err[0] == "tune_public: error: " + row.message.replace("<case>", str(case))
     assert tree_hash(case) == before
-    assert not (case / "out").exists()
+    assert (case / "out").exists() == prepared_out
 
 
 def test_rows_are_documented() -> None:
@@ -121,3 +141,26 @@ def test_rows_are_documented() -> None:
     missing = [r.id for r in ROWS if f"`{r.id}`" not in section]
     assert not missing, f"rows missing from docs/errors.md ({SECTION}): {missing}"
     assert len({r.id for r in ROWS}) == len(ROWS)
+
+
+def test_stopped_proxy_finetune_is_one_line_exit_130(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`tune-finetune-stopped` (docs/errors.md): the trainer stopped by SIGINT (Ctrl-C) returns its result
+    without a model (was: TypeError traceback in load_ldm(None)); the tool says so in ONE line, exit 130, and
+    writes no report; the run folder keeps what the trainer checkpointed."""
+    import dpldm.train.dp_finetune as dp_finetune
+
+    calls = []
+
+    def stopped(cfg, opts):  # what DPFinetuner._finish returns after a SIGINT at step 1 of 2
+        calls.append(opts.out)
+        return {"model": None, "privacy": {}, "steps_done": 1, "finished": False, "stop_reason": "SIGINT",
+                "device": "cpu", "precision": "fp32", "world_size": 1, "rank": 0}
+
+    monkeypatch.setattr(dp_finetune, "train", stopped)
+    out = tmp_path / "out"
+    rc = load_tool().main(["--quick", "--out", str(out), "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(calls) == 1
+    assert err == [f"tune_public: stopped: the proxy fine-tuning in {calls[0]} stopped at step 1 of 2 (SIGINT); its "
+                   "checkpoint is kept: run the same command again to continue (no report was written)"]
+    assert not (out / "report.json").exists()

@@ -125,6 +125,35 @@ def test_selector_keeps_the_fastest_times_on_public_shapes_and_caches(tmp_path):
     assert "cpp/fused" in sel2.summary() and "torch/ghost" in sel2.summary()
 
 
+def test_huge_physical_batch_on_a_tiny_set_measures_at_most_n_rows(monkeypatch):
+    """privacy.physical_batch_size=200000 on a private set of N = 40 (was: every candidate timed at 200,000
+    rows, 2.6-10 s and 6-12 GB each): after cap_rows(N) the synthetic inputs, every call timed and the key
+    have at most N rows; the measurement is that of a selector configured with P = N."""
+    import dpldm.kernels.selection as selection
+
+    made: list = []
+
+    def spy(op, P, *a, **k):
+        made.append(P)
+        return synthetic_inputs(op, P, *a, **k)
+
+    monkeypatch.setattr(selection, "synthetic_inputs", spy)
+    calls: list = []
+    shape = LinearShape(3, 5, 6, True)
+    sel = KernelSelector(200_000, repeats=1, warmup=0)
+    assert sel.cap_rows(40) == 40 and sel.cap_rows(10_000) == 40  # a cap never raises P
+    sel.choose("linear_sqnorm", torch.device("cpu"), torch.float32, shape,
+               [_fake("torch/ghost", 0, calls), _fake("cpp/fused", 0, calls)])
+    assert made == [40] and calls and all(s == ((40, 3, 5), (40, 3, 6)) for _, s in calls)
+    (key,) = sel.choices
+    assert key == KernelSelector(40).key("linear_sqnorm", torch.device("cpu"), torch.float32, shape)
+    assert "P=40 " in key
+    small = KernelSelector(16)
+    assert small.cap_rows(40) == 16 and small.P == 16  # P <= N: unchanged (the keys of existing runs too)
+    with pytest.raises(ValueError, match="positive int"):
+        small.cap_rows(0)
+
+
 def test_cached_choice_that_cannot_run_here_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "kernels.json"
     sel = KernelSelector(8, cache_path=path)
@@ -265,3 +294,26 @@ def test_engine_explicit_backend_with_selector_chooses_only_its_methods():
     assert all(v.startswith("torch") for d in eng.kernels_used.values() for k, v in d.items() if k != "group")
     assert eng.kernels_used["q"]["group"] == "q+k+v"  # q, k, v read the same LayerNorm output
     assert all(k.endswith("backend=torch") for k in sel.choices if k.startswith("linear_sqnorm"))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="needs the one-line change in dpldm/train/dp_finetune.py, right after `N = len(self.data)`: "
+                          "`if self.selector is not None: self.selector.cap_rows(N)` (remove this marker with it)")
+def test_trainer_with_a_huge_physical_batch_on_a_tiny_set_measures_at_most_n_rows(tmp_path, monkeypatch):
+    """`dpldm finetune` with privacy.physical_batch_size=200000 on N = 40 private examples: the set-up
+    probe's kernel measurements use at most N rows (the spy refuses more before anything is timed)."""
+    import dpldm.kernels.selection as selection
+    from dpldm.cli import main
+    from test_bad_inputs import N, Env, ft
+
+    rows: list[int] = []
+
+    def spy(op, P, *a, **k):
+        rows.append(P)
+        assert P <= N, f"kernel selection measures {P} rows for a private set of N = {N}"
+        return synthetic_inputs(op, P, *a, **k)
+
+    monkeypatch.setattr(selection, "synthetic_inputs", spy)
+    env = Env(tmp_path)
+    assert main(ft(env, tmp_path / "run", sets=("privacy.physical_batch_size=200000",))) == 0
+    assert rows and max(rows) <= N

@@ -65,8 +65,10 @@ def owned_names(record: dict[str, Any] | None) -> set[str]:
     return names | {str(n) for n in record.get("reserved", [])}
 
 
-def _relation(out: Path, inp: Path) -> str | None:
-    o, i = out.resolve(), inp.resolve()
+def _relation(out: Path, inp: Path, flag: str = "--out", what: str = "the input") -> str | None:
+    from dpldm.utils.io import resolve_path
+
+    o, i = resolve_path(out, flag), resolve_path(inp, what)
     if o == i:
         return "is"
     if i in o.parents:
@@ -81,7 +83,7 @@ def check_not_input(out: str | Path, inputs: Inputs, flag: str = "--out") -> Non
     for what, inp in inputs:
         if inp is None or not Path(inp).exists():
             continue
-        rel = _relation(out, Path(inp))
+        rel = _relation(out, Path(inp), flag, what)
         if rel == "is":
             raise OutputError(f"{flag} {out} is the input {what} itself: refusing to write into (or --overwrite) "
                               "the input; choose another folder")

@@ -7,19 +7,24 @@ deepspeed / torchrun / srun, and a bare `python`, on one process or many ranks, 
               (Poisson seed and diffusion seed from the OS) -> privacy ledger (sigma, q, C, delta)
               -> UNet built for this world (one rank: plain module, no DeepSpeed; several ranks:
               replicated, or ZeRO-3 with the frozen part partitioned) -> AdamW, warm-up, EMA
-    step      run_logical_step: this rank's chunks of the GLOBAL Poisson sample -> clipped
+    step      run_logical_step: this rank's chunks of the GLOBAL Poisson sample (fixed-shape by
+              default: the same padded chunks every step, truncation accounted in delta) -> clipped
               per-example sums (book-keeping, fp64 accumulators) -> noise ONCE (rank 0) ->
-              all-reduce -> / q*N -> AdamW -> EMA
+              all-reduce -> / q*N -> AdamW -> EMA -> the step fsynced to the privacy journal
+              before its metrics row, checkpoint or grid
     stop      SIGTERM / SIGUSR1 / SIGINT, a STOP file, or --max-steps: finish the step, checkpoint,
               exit 0 and say how to resume (`stop_reason` in the result)
     end       rank 0 writes <out>/model: the init model with the EMA of the trained tensors, and a
               public privacy report
 
 Only public numbers are logged (step, epsilon, lr): never losses, norms or realised batch sizes of
-private data, and in a private run no timing either (a step's duration grows with its realised
-Poisson batch, a private count): no steps/s, examples/s or wall time in metrics.jsonl, wandb,
-stdout, the progress bar or the released meta; wandb's system metrics and console capture are off
-by default. A `--not-private` run (seeded, epsilon = inf) also logs steps/s and wall time.
+private data, and in a private run no timing either: no steps/s, examples/s or wall time in
+metrics.jsonl, stdout, the progress bar or the released meta; wandb's system metrics and console
+capture are off by default. wandb itself stamps each row with `_runtime` and files carry mtimes:
+with fixed-shape steps (privacy.fixed_shape, the default) every step does the same work, so these
+follow public shapes, not the realised Poisson batch; with privacy.fixed_shape = false a step's
+duration grows with |S| (a private count) and they can leak it. A `--not-private` run (seeded,
+epsilon = inf) also logs steps/s and wall time.
 
 What reaches the private chunks is covered by the guarantee: the whole UNet runs in eval mode
 (dropout off; GroupNorm/LayerNorm behave the same), and at set-up one discarded forward+backward

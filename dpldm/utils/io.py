@@ -222,10 +222,10 @@ def check_output_file(dest: str | Path, inputs: Inputs = (), flag: str = "--out"
         src = resolve_path(inp, what)
         if real == src:
             raise UserError(f"{flag} {dest}: is the input {what} {inp} itself; write elsewhere (an output never "
-                            "replaces what the command reads, whatever --overwrite says)")
+                            "replaces what the command reads)")
         if src in real.parents:
             raise UserError(f"{flag} {dest}: is a file of the input {what} {inp}; write elsewhere (an output never "
-                            "replaces what the command reads, whatever --overwrite says)")
+                            "replaces what the command reads, even with --overwrite)")
 
 
 def follow_umask(folder: Path, dir_mode: int) -> None:
