@@ -174,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         res = train(cfg, FinetuneOptions(out=out / "finetune", init=cfg.train.init_checkpoint or None,
                                          resume=args.resume))
+        if res["model"] is None:  # stopped (SIGTERM / SIGINT / STOP): checkpointed, nothing to sample yet
+            print(f"[demo] fine-tuning stopped at step {res['steps_done']} ({res['stop_reason']}); continue with "
+                  f"`dpldm demo --out {args.out} --resume`")
+            return 0
         ldm, privacy = load_ldm(res["model"]), res["privacy"]
         trained = {"device": res["device"], "precision": res["precision"]}
     ldm.to(device)

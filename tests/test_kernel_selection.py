@@ -296,9 +296,6 @@ def test_engine_explicit_backend_with_selector_chooses_only_its_methods():
     assert all(k.endswith("backend=torch") for k in sel.choices if k.startswith("linear_sqnorm"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="needs the one-line change in dpldm/train/dp_finetune.py, right after `N = len(self.data)`: "
-                          "`if self.selector is not None: self.selector.cap_rows(N)` (remove this marker with it)")
 def test_trainer_with_a_huge_physical_batch_on_a_tiny_set_measures_at_most_n_rows(tmp_path, monkeypatch):
     """`dpldm finetune` with privacy.physical_batch_size=200000 on N = 40 private examples: the set-up
     probe's kernel measurements use at most N rows (the spy refuses more before anything is timed)."""

@@ -291,6 +291,8 @@ class Trainer:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()  # nothing of an encoded private source stays cached on the device
         N = len(self.data)
+        if self.selector is not None:  # a chunk never holds more than N examples: measure at most N rows
+            self.selector.cap_rows(N)
 
         # resume, or fresh secrets: everything decided on rank 0 and shared
         resumed = ctx.on_main(lambda: load_latest_state(self.run_dir, self.opts.allow_older_checkpoint)
