@@ -104,13 +104,22 @@ def _final(run_dir):
     return tensors, meta["privacy"]
 
 
-def _assert_same_as_reference(run_dir, reference):
+def _assert_same_as_reference(run_dir, reference, rerun_steps=0):
+    """Same weights as the uninterrupted run; the same epsilon, or (steps run again after a fall-back
+    past a corrupt checkpoint) the epsilon with each re-run step at sigma / sqrt(2) (the journal)."""
     ref_t, ref_p = reference
     t, p = _final(run_dir)
     assert sorted(t) == sorted(ref_t)
     diff = [k for k in ref_t if not torch.equal(ref_t[k], t[k])]
     assert not diff, f"{len(diff)} tensors differ from the uninterrupted run, e.g. {diff[:3]}"
     assert p["steps"] == ref_p["steps"] == STEPS
+    if rerun_steps:
+        from dpldm.privacy.accountant import _epsilon
+
+        want = _epsilon([(SIGMA, Q, STEPS - rerun_steps), (SIGMA / 2 ** 0.5, Q, rerun_steps)], DELTA, "rdp", None)
+        assert p["epsilon_if_noise_were_secret"] == pytest.approx(want, rel=1e-12)
+        assert p["executed_steps"] == STEPS + rerun_steps and p["epsilon"] == float("inf")
+        return
     assert p["epsilon_if_noise_were_secret"] == ref_p["epsilon_if_noise_were_secret"]
     assert p["epsilon_if_noise_were_secret"] == pytest.approx(compute_epsilon(SIGMA, Q, STEPS, DELTA, "rdp"), rel=1e-12)
     assert p["epsilon"] == float("inf")  # seeded: not private
@@ -217,7 +226,7 @@ def test_corrupt_newest_checkpoint_stops_unless_allowed_then_falls_back(world, r
     rc, log = _run(world, run_dir, "--resume", "--allow-older-checkpoint")
     assert rc == 0, log[-3000:]
     assert "skipping unusable checkpoint" in log and "step_00000004" in log
-    _assert_same_as_reference(run_dir, reference)
+    _assert_same_as_reference(run_dir, reference, rerun_steps=1)  # step 4 ran twice: both accounted
     assert _steps(run_dir) == [STEPS - 2, STEPS - 1, STEPS]  # the corrupt one was rewritten, then rotated out
 
 

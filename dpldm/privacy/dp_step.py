@@ -148,7 +148,7 @@ class DPStep:
             chunks, self.dropped = fixed_chunks(sample, self.fixed_shape, plan.seed, self.step_index)
             self.my_chunks = chunks[r::W]
             self.passes_per_rank = -(-len(chunks) // W)
-            idx = torch.cat(self.my_chunks)
+            idx = torch.cat(self.my_chunks) if self.my_chunks else sample[:0]  # W > num_chunks: some ranks idle
         elif self.physical_batch_size is not None:
             chunks = global_chunks(sample, self.physical_batch_size)
             self.my_chunks = chunks[r::W]
