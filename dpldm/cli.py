@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpldm {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - re-raised unless it is about the user's input
+        from dpldm.parallel.failure import PeerFailure
+
+        if isinstance(e, PeerFailure):  # a peer rank or the network failed: one line, exit 3
+            print(f"dpldm {args.command}: error: {e}", file=sys.stderr)
+            return 3
         if not isinstance(e, _input_error_types()):
             raise
         print(f"dpldm {args.command}: error: {e}", file=sys.stderr)

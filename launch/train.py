@@ -64,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dpldm.errors import InputError
+    from dpldm.parallel.failure import PeerFailure
 
     try:
         return _main(args)
     except InputError as e:
         print(f"launch/train.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except PeerFailure as e:  # a peer rank died or the network between nodes failed: one line, exit 3
+        print(f"launch/train.py: error: {e}", file=sys.stderr, flush=True)
+        return 3
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ import pytest
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test that starts real launchers or subprocess ranks (still run by make test)")
+    config.addinivalue_line("markers", "cluster: brings up a real Slurm cluster and two ssh nodes (tests/cluster/; root "
+                                       "only; required in CI: DPLDM_REQUIRE_CLUSTER=1)")
 
 
 @pytest.fixture(autouse=True)

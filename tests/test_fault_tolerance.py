@@ -32,6 +32,7 @@ from dpldm.checkpoint import (CheckpointError, list_step_checkpoints, load_check
 from dpldm.config import load_config
 from dpldm.models.ldm import LatentDiffusion, save_ldm
 from dpldm.privacy.accountant import PrivacyLedger, compute_epsilon
+from dpldm.train.run_folder import StopRequest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SIGMA, Q, DELTA = 8, 1.0, 8 / 40, 1e-3
@@ -309,3 +310,26 @@ def test_steps_past_eight_digits_stay_in_order(tmp_path):
         save_step_checkpoint(tmp_path, s, _ckpt(s % 1000), {"kind": "t"}, keep=2)
     assert _steps(tmp_path) == [99_999_999, 100_000_000]  # rotation keeps the two highest steps
     assert load_latest_checkpoint(tmp_path)[1]["step"] == 100_000_000
+
+
+_SIGNAL_TWICE = """
+import os, signal, sys, time
+from dpldm.train.run_folder import StopRequest
+stop = StopRequest()
+os.kill(os.getpid(), signal.SIGTERM)   # slurmstepd's SIGTERM
+time.sleep(float(sys.argv[1]))
+os.kill(os.getpid(), signal.SIGTERM)   # the launcher's forwarded SIGTERM, or the user's second one
+time.sleep(0.5)
+print("still running", stop.signal_name, flush=True)
+"""
+
+
+@pytest.mark.parametrize("gap, survives", [(0.05, True), (StopRequest.COALESCE_S + 0.5, False)])
+def test_a_repeated_sigterm_within_the_window_is_one_request(gap, survives):
+    """scancel reaches a rank twice (slurmstepd and torchrun), milliseconds apart: one graceful stop.
+    A second SIGTERM after the window still stops the process at once."""
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_TWICE, str(gap)], capture_output=True, text=True, timeout=60)
+    if survives:
+        assert r.returncode == 0 and "still running SIGTERM" in r.stdout, (r.returncode, r.stderr[-2000:])
+    else:
+        assert r.returncode == -signal.SIGTERM and "still running" not in r.stdout

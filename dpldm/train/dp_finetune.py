@@ -75,6 +75,7 @@ class FinetuneOptions:
     verbose: bool = True
     command: str = "dpldm finetune"  # what the user ran: the stop message says how to resume it
     allow_older_checkpoint: bool = False  # a corrupt newest checkpoint: fall back (re-run steps, journal them)
+    collective_timeout_s: float = 1800.0  # several ranks: how long a collective waits for its peers
 
     def __post_init__(self) -> None:
         if isinstance(self.resume, bool):
@@ -128,7 +129,7 @@ def open_context(cfg: RunConfig, opts: FinetuneOptions):
     env = resolve_launch_env()
     if env.world_size == 1:
         return single_process_context(resolve_device(cfg.train.device, "--device"))
-    return init_distributed(opts.dist_backend, env=env, device=cfg.train.device)
+    return init_distributed(opts.dist_backend, timeout_s=opts.collective_timeout_s, env=env, device=cfg.train.device)
 
 
 def train(cfg: RunConfig, opts: FinetuneOptions) -> dict[str, Any]:
@@ -139,10 +140,19 @@ def train(cfg: RunConfig, opts: FinetuneOptions) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     ctx = open_context(cfg, opts)
+    trainer = None
     try:
-        result = Trainer(cfg, opts, ctx).run()
+        trainer = Trainer(cfg, opts, ctx)
+        result = trainer.run()
         ctx.barrier()  # every rank is past its last collective before the process group is torn down
         return result
+    except Exception as e:
+        from dpldm.parallel.failure import is_collective_failure, peer_failure
+
+        if ctx.world_size > 1 and is_collective_failure(e):
+            step = trainer.dp.step_index + 1 if trainer is not None and getattr(trainer, "dp", None) else None
+            raise peer_failure(e, ctx.rank, ctx.world_size, step, opts.out, opts.command) from None
+        raise
     finally:
         ctx.close()
 

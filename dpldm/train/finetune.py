@@ -44,6 +44,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smoke runs: N random latents instead of data.private (NOT private data)")
     parser.add_argument("--random-init", action="store_true",
                         help="smoke runs: fine-tune a randomly initialised model (saved to OUT/init_model)")
+    parser.add_argument("--collective-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="several ranks: how long a rank waits in a collective for its peers before the run stops "
+                             "with one line naming the step (a node or the network between nodes failed); default 1800")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,8 +80,11 @@ def options_from_args(args: argparse.Namespace, cfg: RunConfig, **extra) -> Fine
                         "holds them all in memory)")
     if args.init is not None and not str(args.init).strip():
         raise UserError("--init: empty path (name a public model folder, a run folder with model/, or 'public')")
+    if not args.collective_timeout > 0:
+        raise UserError(f"--collective-timeout must be > 0 seconds, got {args.collective_timeout:g}")
     return FinetuneOptions(out=Path(cfg.train.out_dir), init=args.init, synthetic_latents=args.synthetic_latents or 0,
-                           random_init=args.random_init, allow_older_checkpoint=args.allow_older_checkpoint, **extra)
+                           random_init=args.random_init, allow_older_checkpoint=args.allow_older_checkpoint,
+                           collective_timeout_s=args.collective_timeout, **extra)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,9 @@
 * `StopRequest`: SIGTERM / SIGUSR1 (SLURM preemption) / SIGINT (Ctrl-C), or a file named STOP in
   the run folder: finish the current logical step, write a checkpoint, exit 0 and say how to
   resume. A second SIGINT/SIGTERM stops at once (a launcher tearing down ranks whose peer died
-  must not wait for a collective).
+  must not wait for a collective), unless it comes within COALESCE_S of the first: `scancel`
+  reaches a rank both from slurmstepd (every process of the job) and from torchrun / DeepSpeed's
+  launcher forwarding its own SIGTERM, milliseconds apart; that is one request, not two.
 """
 from __future__ import annotations
 
@@ -101,9 +103,11 @@ class StopRequest:
     """Signals that ask the run to stop after the current logical step (see module docstring)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    COALESCE_S = 3.0  # a repeat within this many seconds is the same request delivered twice
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._first_at: float | None = None
         self._old: dict[int, object] = {}
         for sig in self.SIGNALS:
             try:
@@ -112,11 +116,17 @@ class StopRequest:
                 pass
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        import time
+
+        now = time.monotonic()
         if self.signal_name is not None and signum in (signal.SIGINT, signal.SIGTERM):
+            if now - self._first_at < self.COALESCE_S:
+                return  # the same stop, delivered by two launchers
             self.restore()  # the second one: default behaviour, now
             signal.raise_signal(signum)
             return
         self.signal_name = signal.Signals(signum).name
+        self._first_at = now
 
     @property
     def requested(self) -> bool:
