@@ -164,17 +164,49 @@ def test_ddim_timesteps():
 
 
 def test_ema_matches_manual_average():
+    """Against a float64 loop of LitEma's rule: copy, then d_n = min(decay, (1+n)/(10+n))."""
     model = nn.Linear(3, 2)
     ema = EMA(model, decay=0.9)
     ref = None
-    for step in range(4):
+    for step in range(40):
         with torch.no_grad():
             model.weight.add_(torch.randn_like(model.weight))
         ema.update(model)
-        w = model.weight.detach().clone()
-        ref = w if ref is None else 0.9 * ref + 0.1 * w
-    torch.testing.assert_close(ema.module.weight, ref)
-    assert ema.num_updates == 4
+        w = model.weight.detach().double().clone()
+        d = min(0.9, (1 + step) / (10 + step))
+        ref = w if ref is None else d * ref + (1 - d) * w
+    torch.testing.assert_close(ema.module.weight.double(), ref, rtol=1e-5, atol=1e-6)
+    assert ema.num_updates == 40
+    assert ema.decay_at(1) == pytest.approx(2 / 11) and ema.decay_at(1000) == 0.9
+
+
+def test_ema_forgets_its_first_weights():
+    """The v2 failure: a 0.9995 EMA after 4000 steps must hold (almost) none of step 1's weights."""
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.9995)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # the copy: the first weights
+    with torch.no_grad():
+        model.weight.zero_()
+    for _ in range(4000):
+        ema.update(model)
+    share_of_first = ema.module.weight.item()
+    closed_form = math.prod(min(0.9995, (1 + n) / (10 + n)) for n in range(1, 4001))  # 10!/((N+2)...(N+10))
+    assert share_of_first == pytest.approx(closed_form, rel=1e-3, abs=1e-30) and share_of_first < 1e-20
+    assert 0.9995 ** 4000 > 0.13  # what the EMA without warm-up kept (the v2 failure)
+    ema.restart()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    assert ema.module.weight.item() == 3.0 and ema.num_updates == 1
+
+
+def test_ema_state_round_trip():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    for _ in range(4):
+        ema.update(model)
     other = EMA(nn.Linear(3, 2), decay=0.9)
     other.load_state_dict(ema.state_dict())
     assert torch.equal(other.module.weight, ema.module.weight) and other.num_updates == 4

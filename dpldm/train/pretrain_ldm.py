@@ -45,6 +45,9 @@ KIND = "pretrain-ldm-step"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--autoencoder", required=True, help="pretrained autoencoder: model folder or pretrain-ae run folder")
+    parser.add_argument("--restart-ema", action="store_true",
+                        help="with --resume: the EMA starts again from the checkpoint's weights (for a run whose "
+                             "EMA still holds its first weights, or a recipe that changed train.ema_decay)")
 
 
 SCALE_EXAMPLES = 10_000  # streamed public sets: images behind scale_factor
@@ -146,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         sched.load_state_dict(meta["scheduler"])
         start = int(meta["step"])
         wall_before, last_loss = meta.get("train_wall_s"), (meta.get("last_stats") or {}).get("loss")
+        if args.restart_ema:
+            ldm.ema.restart()  # the first update after the resume copies the weights
+    elif args.restart_ema:
+        raise UserError("--restart-ema needs --resume (a new run's EMA starts from its first weights anyway)")
 
     stop = PretrainStop(run_dir, start, args.max_steps, tc.steps,
                         f"dpldm pretrain-ldm ... --autoencoder {args.autoencoder} --out {run_dir} --resume")
@@ -156,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
                 f"scale_factor {scale:.5f} (1/std of public latents); UNet parameters {total:,} (trainable "
                 f"{trainable:,}), {len(unet.attention_modules())} attention modules; steps {start}->{tc.steps}, "
                 f"batch {tc.batch_size}, K {dc.timesteps_per_example}, lr {tc.lr}, warmup {tc.warmup_steps}, "
-                f"cond_drop_prob {dc.cond_drop_prob}, ema_decay {tc.ema_decay}, device {describe_device(device)}, "
+                f"cond_drop_prob {dc.cond_drop_prob}, ema_decay {tc.ema_decay}"
+                f"{' (EMA restarted)' if args.restart_ema else ''}, device {describe_device(device)}, "
                 f"threads {torch.get_num_threads()}")
     t0 = time.time()
 
