@@ -13,8 +13,8 @@ import statistics
 import sys
 import time
 
-from bench.dp_step import (DOC, GPU_SECTION, MODELS, ROOT, _build, _engine_report, _loss_fn, _maxrss_mb,
-                           _replace_section, _sync, flops_per_example, make_step)
+from bench.dp_step_parts import (DOC, GPU_SECTION, MODELS, ROOT, _build, _engine_report, _loss_fn, _maxrss_mb,
+                                 _replace_section, _sync, flops_per_example, make_step)
 
 PAPER_GFLOP = 37.4  # the figure for the CelebA64 UNet; the counted value is checked against it
 

@@ -244,7 +244,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")
-        from dpldm.models.selection import check_finetune_spec
+        from dpldm.models.finetune_spec import check_finetune_spec
 
         try:
             check_finetune_spec(self.finetune)

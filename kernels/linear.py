@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from .rules import METHODS, choose_method, say_once
+
 GHOST_BLOCK = 256  # rows of the T x T Gram tiles in the ghost reference (bounds its memory)
 FUSED_BLOCK = 64   # d_out rows per materialised slab in the torch "fused" reference
-METHODS = ("auto", "ghost", "fused", "materialize")  # = registry.METHODS
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,8 +66,6 @@ def _check_coef(coef: torch.Tensor, B: int, device: torch.device) -> None:
 
 def resolve_method(method: str, T: int, d_in: int, d_out: int, backend: str) -> str:
     """The concrete method for `backend` ("auto": the fixed rule, registry.choose_method)."""
-    from .registry import choose_method
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
@@ -92,7 +91,6 @@ def _out_dtype_supported(device: torch.device) -> bool:
         except (TypeError, RuntimeError, NotImplementedError):
             ok = False
         if not ok:
-            from .registry import say_once
             say_once(f"out_dtype@{key}", f"dpldm.kernels: torch {torch.__version__} has no bf16 GEMM with fp32 output "
                                          f"on {device}; the torch backend upcasts bf16 to fp32 there")
         _OUT_DTYPE_OK[key] = ok

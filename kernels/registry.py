@@ -36,16 +36,15 @@ A fallback (the preferred backend is missing) is stated once, as a RuntimeWarnin
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
 
 from .dispatch import BACKENDS, BackendUnavailableError, cpp_ext, cuda_ext, why_unavailable
+from .rules import METHODS, choose_method, say_once
 
 OPS = ("linear_sqnorm", "linear_clipped_sum", "norm_affine_grads", "embedding_sqnorm", "embedding_clipped_sum")
-METHODS = ("auto", "ghost", "fused", "materialize")
 
 _HALF = (torch.float16, torch.bfloat16)
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -229,20 +228,6 @@ def table() -> list[dict[str, str]]:
 
 
 # ---- the fixed rule --------------------------------------------------------------------------------
-def choose_method(T: int, d_in: int, d_out: int, backend: str = "torch") -> str:
-    """Norm method of the fixed rule for a Linear layer.
-
-    torch (the reference): ghost when its B*T^2 Gram memory is below materialising B*d_in*d_out
-    (design rule 2*T^2 < d_in*d_out), else "materialize". The other backends never materialise,
-    so they compare multiply-adds per example instead: their ghost kernels build only the upper
-    triangle of the two symmetric T x T Grams, T^2*(d_in+d_out)/2, the fused kernels T*d_in*d_out;
-    ghost when T*(d_in+d_out) < 2*d_in*d_out, else "fused" (this matches the CPU timings in
-    docs/benchmarks.md)."""
-    if backend in ("torch", "auto"):
-        return "ghost" if 2 * T * T < d_in * d_out else "materialize"
-    return "ghost" if T * (d_in + d_out) < 2 * d_in * d_out else "fused"
-
-
 def cpu_method(T: int, d_in: int, d_out: int) -> str:
     """The fixed rule's norm method on CPU: ghost when its full T x T Grams cost fewer
     multiply-adds than the per-example product, T*(d_in + d_out) < d_in*d_out, else fused.
@@ -259,16 +244,6 @@ def _method_impl(op_impls: list[Impl], backend: str, method: str) -> Impl:
         if i.method == method:
             return i
     raise ValueError(f"no {method!r} method on backend {backend!r}")  # pragma: no cover - registry is complete
-
-
-_warned: set[str] = set()
-
-
-def say_once(key: str, msg: str) -> None:
-    """State a fallback once per process (RuntimeWarning)."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def require_available(backend: str, dev: torch.device) -> None:

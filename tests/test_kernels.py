@@ -158,7 +158,7 @@ def test_cuda_backend_on_cpu_tensor_is_a_clear_error():
 def test_missing_extension_falls_back_once(monkeypatch):
     """auto on CPU wants the C++ fused norm for a long sequence; without the extension the torch
     backend serves it and the fallback is said once, with the reason."""
-    from dpldm.kernels import registry
+    from dpldm.kernels import rules
 
     real = dispatch._import
 
@@ -168,7 +168,7 @@ def test_missing_extension_falls_back_once(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(dispatch, "_import", fake)
-    monkeypatch.setattr(registry, "_warned", set())
+    monkeypatch.setattr(rules, "_warned", set())
     A, G, mask, coef = make(3, 40, 24, 40, masked=True)  # 2*T^2 >= d_in*d_out: the fused/materialised norm
     assert K.available_backends("cpu") == ("torch",)
     with pytest.warns(RuntimeWarning, match="not built.*using the torch backend"):

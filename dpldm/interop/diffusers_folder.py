@@ -27,7 +27,11 @@ from safetensors.torch import load_file, save_file
 from dpldm.checkpoint import CheckpointError, read_json_object
 from dpldm.config import ConfigError, RunConfig
 from dpldm.interop import diffusers_layout as L
+from dpldm.models.privacy_card import is_private, privacy_table
 from dpldm.utils.io import atomic_dir
+
+__all__ = ["export_diffusers", "is_private", "load_diffusers", "privacy_table", "verify_export"]  # the card's
+# privacy section lives in dpldm.models.privacy_card; re-exported for older imports
 
 FORMAT = "dpldm-diffusers"
 KIND = "diffusers-export"  # the output-folder kind (dpldm.utils.io: --overwrite replaces only this kind)
@@ -101,45 +105,6 @@ def _dpldm_version() -> str:
 
 
 # -- model card --------------------------------------------------------------------------------------
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "not recorded"
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def is_private(privacy: dict[str, Any] | None) -> bool:
-    """A DP record that claims a guarantee: present, not declared not-private, finite epsilon."""
-    if not privacy or privacy.get("private") is False:
-        return False
-    eps = privacy.get("epsilon")
-    return isinstance(eps, (int, float)) and math.isfinite(eps)
-
-
-def privacy_table(privacy: dict[str, Any] | None) -> str:
-    if privacy and not is_private(privacy):
-        return ("**No differential-privacy guarantee.** This model was fine-tuned by dpldm in a run declared not "
-                f"private (train.not_private; epsilon {_fmt(privacy.get('epsilon'))}): nothing is claimed about "
-                "the data it was trained on.\n")
-    if not privacy:
-        return ("**No differential-privacy guarantee.** This model carries no DP fine-tuning record from dpldm "
-                "(a public pretrained model, or one trained without privacy): nothing is claimed about the data "
-                "it was trained on.\n")
-    rows = [("epsilon", privacy.get("epsilon")), ("delta", privacy.get("delta")),
-            ("noise multiplier sigma", privacy.get("noise_multiplier")),
-            ("Poisson sample rate q", privacy.get("sample_rate")),
-            ("private examples N", privacy.get("num_examples")),
-            ("expected batch size q*N", privacy.get("expected_batch_size")),
-            ("noisy steps", privacy.get("steps")), ("accountant", privacy.get("accountant")),
-            ("per-example clip norm C", privacy.get("max_grad_norm")),
-            ("sampling", privacy.get("sampling", "poisson")), ("trained modules", privacy.get("finetune"))]
-    lines = ["| quantity | value |", "| --- | --- |"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
-    return ("(epsilon, delta)-differential privacy with respect to the private fine-tuning set, from DP-SGD "
-            "(per-example clipping, one Gaussian noise draw per step, Poisson sampling) as accounted by "
-            "Opacus. The public pretraining data is not protected.\n\n" + "\n".join(lines) + "\n")
-
 
 def model_card(cfg: RunConfig, privacy: dict[str, Any] | None, info: dict[str, Any]) -> str:
     T = cfg.diffusion.timesteps
@@ -235,7 +200,7 @@ def load_diffusers(folder: str | Path):
     The architecture comes from the diffusers configs (cross-checked against dpldm.json when it is
     there); the other settings from dpldm.json, else dpldm's defaults."""
     from dpldm.diffusion.ema import EMA
-    from dpldm.models.ldm import LatentDiffusion, _load_strict
+    from dpldm.models.latent_diffusion import LatentDiffusion, _load_strict
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,71 +49,13 @@ import torch
 from dpldm.checkpoint import list_step_checkpoints
 from dpldm.config import RunConfig
 from dpldm.errors import RunFolderError, UserError
+from dpldm.train.dp_init import load_init, state_sha256
+from dpldm.train.dp_options import FinetuneOptions, check_explicit_sigma, check_privacy_settings
+from dpldm.train.dp_release import RESULT_PREFIX, print_result, release_from_checkpoint, resume_hint
 from dpldm.train.dp_state import InitInfo
 
-RESULT_PREFIX = "RESULT_JSON "
 KERNEL_CHOICES = "kernel_selection.json"  # the measured kernel choices of a run (public shapes only)
 PROBE_EXAMPLES, PROBE_SEED = 3, 0  # the set-up probe's public synthetic batch (per-example independence)
-RESUME_MODES = ("never", "auto", "must")
-
-
-@dataclass
-class FinetuneOptions:
-    out: Path
-    init: str | None = None  # public LDM folder; default train.init_checkpoint, else the shipped glyph model
-    # never (False): checkpoints in `out` are refused; must (True, `dpldm finetune --resume`): `out` must hold a
-    # step checkpoint to continue from, else refused (a fresh run would start with a full budget); auto
-    # (launch/train.py's default): continue from the newest checkpoint if there is one, else start a new run
-    resume: bool | str = False
-    max_steps: int | None = None  # stop (checkpoint, exit 0) after this many logical steps of this invocation
-    zero: str = "0"  # several ranks: ZeRO stage 0-3 or a DeepSpeed JSON
-    dist_backend: str = "auto"  # several ranks: auto | gloo | nccl
-    synthetic_latents: int = 0  # smoke runs: random latents instead of data.private (NOT private data)
-    random_init: bool = False  # smoke runs: a randomly initialised model instead of the public one
-    check_every: int = 0  # several ranks: check the replicas are bit-identical every K steps
-    verbose: bool = True
-    command: str = "dpldm finetune"  # what the user ran: the stop message says how to resume it
-    allow_older_checkpoint: bool = False  # a corrupt newest checkpoint: fall back (re-run steps, journal them)
-    collective_timeout_s: float = 1800.0  # several ranks: how long a collective waits for its peers
-
-    def __post_init__(self) -> None:
-        if isinstance(self.resume, bool):
-            self.resume = "must" if self.resume else "never"
-        if self.resume not in RESUME_MODES:
-            raise UserError(f"resume must be one of {RESUME_MODES} (or a bool), got {self.resume!r}")
-
-
-# -- checks that fail closed on privacy ------------------------------------------------------------
-
-def check_privacy_settings(cfg: RunConfig) -> None:
-    """Refuse configurations whose privacy claim would be false (before any work)."""
-    tc, pc = cfg.train, cfg.privacy
-    if not pc.enabled:
-        raise UserError("privacy.enabled = false: this is the DP fine-tuning trainer; use `bench/utility.py` for the "
-                        "non-private ceiling")
-    if tc.deterministic and not tc.not_private:
-        raise UserError("train.deterministic = true seeds the noise, the Poisson sampling and the diffusion draws from "
-                        "train.seed, which is saved with the run: anyone holding the config can remove the noise, so "
-                        "the run is NOT private. For tests and reproducible debugging pass --not-private "
-                        "(train.not_private = true); epsilon is then reported as infinite")
-    if tc.deterministic and pc.secure_noise:
-        raise UserError("train.deterministic = true and privacy.secure_noise = true contradict each other: secure noise "
-                        "is seeded from the OS")
-
-
-def check_explicit_sigma(pc, ledger) -> None:
-    """An explicit noise_multiplier must not spend more than the target epsilon."""
-    from dpldm.privacy.accountant import PrivacyParameterError
-
-    if pc.noise_multiplier is None or pc.epsilon is None:
-        return
-    eps = ledger.epsilon_after(pc.steps)
-    if eps > pc.epsilon * (1 + 1e-9):
-        raise PrivacyParameterError(
-            f"privacy.noise_multiplier={pc.noise_multiplier:g} spends epsilon {eps:.4g} after {pc.steps} steps at "
-            f"q={ledger.sample_rate:.4g}, delta={pc.delta:g}, above the target privacy.epsilon={pc.epsilon:g}: raise "
-            f"privacy.epsilon to at least {math.ceil(eps * 1000) / 1000:g} to accept that, or raise the noise / "
-            "lower the steps (or leave noise_multiplier unset: it is then calibrated for the target)")
 
 
 # -- the process context -----------------------------------------------------------------------------
@@ -155,56 +96,6 @@ def train(cfg: RunConfig, opts: FinetuneOptions) -> dict[str, Any]:
         raise
     finally:
         ctx.close()
-
-
-# -- set-up helpers ----------------------------------------------------------------------------------
-
-def check_model_config(cfg: RunConfig, saved: RunConfig, where: Path) -> None:
-    """The recipe's model sections must describe the checkpoint being fine-tuned."""
-    now, then = cfg.to_dict(), saved.to_dict()
-    diffs = [f"{s}.{k}: recipe {now[s][k]!r} != checkpoint {then[s][k]!r}"
-             for s in ("autoencoder", "unet") for k in now[s] if now[s][k] != then[s][k]]
-    for k in ("schedule", "timesteps", "beta_start", "beta_end"):
-        if now["diffusion"][k] != then["diffusion"][k]:
-            diffs.append(f"diffusion.{k}: recipe {now['diffusion'][k]!r} != checkpoint {then['diffusion'][k]!r}")
-    for k in ("image_size", "channels"):  # the images (and so latents) the public model was trained on
-        if now["data"][k] != then["data"][k]:
-            diffs.append(f"data.{k}: recipe {now['data'][k]!r} != checkpoint {then['data'][k]!r}")
-    if diffs:
-        raise UserError(f"--init {where} does not match the recipe: {'; '.join(diffs)}")
-
-
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    from dpldm.data.latents import ae_state_hash
-
-    return ae_state_hash(state)
-
-
-def load_init(cfg: RunConfig, opts: FinetuneOptions, run_dir: Path):
-    """Rank 0: (InitInfo, the init LDM on CPU with its UNet set to the public EMA weights)."""
-    from dpldm.models.ldm import LatentDiffusion, _model_folder, load_ldm, public_model_path, save_ldm
-
-    if opts.random_init:
-        folder = run_dir / "init_model"
-        if not (folder / "meta.json").is_file():
-            print(f"warning: --random-init: fine-tuning a RANDOMLY initialised model (smoke run), saved to {folder}",
-                  flush=True)
-            # a private run never seeds torch from the public train.seed (anything later drawing from the global
-            # generator would be predictable); a seeded run (train.deterministic, not private) does, reproducibly
-            from dpldm.train.draws import new_secret_seed
-
-            torch.manual_seed(cfg.train.seed if cfg.train.deterministic else new_secret_seed())
-            save_ldm(folder, LatentDiffusion(cfg))
-    else:
-        spec = opts.init or cfg.train.init_checkpoint
-        folder = public_model_path() if not spec or spec == "public" else _model_folder(spec)
-    ldm = load_ldm(folder)
-    check_model_config(cfg, ldm.cfg, folder)
-    ldm.copy_ema_to_unet()  # fine-tune from the public EMA weights
-    ldm.ae.requires_grad_(False).eval()
-    info = InitInfo(folder=str(folder), scale_factor=float(ldm.scale_factor),
-                    ae_sha256=state_sha256(ldm.ae.state_dict()), unet_sha256=state_sha256(ldm.unet.state_dict()))
-    return info, ldm
 
 
 class _NullLogger:
@@ -633,72 +524,5 @@ class Trainer:
                     pass
 
 
-def resume_hint(opts: FinetuneOptions) -> str:
-    """How to continue a stopped run, for the command that was actually run."""
-    if opts.command == "launch/train.py":
-        if opts.resume == "never":
-            return "Resume with the same launch/train.py command with --resume in place of --resume never"
-        return ("Resume with the same command: launch/train.py continues from the newest checkpoint (--resume auto, "
-                "the default; a plain --resume also refuses to start over when there is none)")
-    if opts.resume == "must":
-        return "Resume with the same command (it already has --resume)"
-    return "Resume with the same command plus --resume"  # dpldm finetune, dpldm demo
-
-
-def print_result(result: dict[str, Any]) -> None:
-    """The machine-readable last line of a trainer run (rank 0)."""
-    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
-
-
-def release_from_checkpoint(checkpoint: str | Path, out: str | Path, init: str | None = None,
-                            weights: str = "ema") -> Path:
-    """`launch/train.py --consolidate`: a model folder from a step checkpoint (or a run folder's
-    newest), as the trainer releases it at the end (weights="ema"), or its last iterate ("raw")."""
-    from dpldm.checkpoint import CheckpointError, load_checkpoint
-    from dpldm.diffusion.ema import EMA
-    from dpldm.models.ldm import load_ldm, save_ldm
-    from dpldm.privacy import PrivacyLedger
-    from dpldm.train.dp_state import KIND, privacy_report
-    from dpldm.utils.io import atomic_dir, check_output_dir
-
-    p = Path(checkpoint)
-    if not (p / "meta.json").is_file():
-        steps = list_step_checkpoints(p)
-        if not steps:
-            raise CheckpointError(f"{p}: neither a checkpoint folder nor a run folder with checkpoints/step_*")
-        p = steps[-1]
-    check_output_dir(out, "dpldm-model", overwrite=False, inputs=[("--consolidate", Path(checkpoint)), ("--consolidate", p)])
-    tensors, meta = load_checkpoint(p)
-    if meta.get("kind") != KIND:
-        raise CheckpointError(f"{p}: kind {meta.get('kind')!r} is not a DP fine-tuning checkpoint")
-    if weights not in ("ema", "raw"):
-        raise UserError(f"weights must be ema|raw, got {weights!r}")
-    cfg = RunConfig.from_dict(meta["config"], f"{p}/meta.json")
-    ldm = load_ldm(init or meta["init"]["folder"])
-    ldm.copy_ema_to_unet()
-    if state_sha256(ldm.unet.state_dict()) != meta["init"]["unet_sha256"]:
-        raise CheckpointError(f"{init or meta['init']['folder']}: not the model the run started from (UNet sha256)")
-    sd = ldm.unet.state_dict()
-    prefix = "ema" if weights == "ema" else "train"
-    for n in meta["trainable"]:
-        sd[n] = tensors[f"{prefix}.{n}"].to(sd[n].dtype)
-    ldm.unet.load_state_dict(sd)
-    ldm.cfg = cfg
-    ldm.ema = EMA(ldm.unet, cfg.train.ema_decay)
-    ledger = PrivacyLedger.from_state_dict(meta["privacy"]["ledger"])
-    total = sum(t.numel() for t in ldm.unet.state_dict().values())
-    trainable = sum(tensors[f"train.{n}"].numel() for n in meta["trainable"])
-    report = privacy_report(ledger, cfg.privacy, private=not cfg.train.not_private, trainable=trainable, total=total,
-                            finetune=cfg.train.finetune, fixed_shape=meta["privacy"].get("fixed_shape"))
-    extra = {"privacy": report, "finetuned_from": meta["init"]["folder"], "private_data": meta["data"]["description"],
-             "released_from": {"checkpoint": str(p), "step": meta["step"],
-                               "weights": "ema" if prefix == "ema" else "last iterate"}}
-    # a new or empty folder only (never the user's files, never the checkpoint or run folder read)
-    with atomic_dir(out, overwrite=False, kind="dpldm-model", inputs=[("--consolidate", Path(checkpoint)), ("--consolidate", p)],
-                    flag="--out") as tmp:
-        save_ldm(tmp, ldm.eval(), extra)
-    return Path(out)
-
-
 __all__ = ["FinetuneOptions", "Trainer", "train", "print_result", "release_from_checkpoint", "check_privacy_settings",
-           "RESULT_PREFIX"]
+           "RESULT_PREFIX", "load_init", "resume_hint", "state_sha256", "check_explicit_sigma"]  # older imports
