@@ -13,8 +13,8 @@ brought up here and taken down at the end, also when a test fails half-way.
    (SLURM_RESTART_COUNT=1), the requeued job resumes and finishes: final state equal to the
    one-process run. `scancel` of a running job: the ranks checkpoint, the job is not requeued
    (CANCELLED, Restarts=0), nothing is left running and nothing is released.
-3. Faults on the ssh nodes: the link between the nodes cut (veth down) mid-run, then a rank on
-   node2 killed mid-run: each time the job ends with ONE clear line (launch/train.py: error: rank 0
+3. Faults on the ssh nodes: the link between the nodes cut (veth down) after step 5, then (resumed
+   from step 4) the rank on node2 killed after step 9: each time the job ends with ONE clear line (launch/train.py: error: rank 0
    of 2 lost the process group in logical step k ...) within the collective timeout, no model is
    published, the privacy journal holds every executed step, and the same command resumes; the
    last resume finishes and accounts the re-executed steps.
@@ -352,14 +352,14 @@ def _peer_failure_line(log: str) -> str:
 def test_link_cut_and_killed_rank_end_with_one_line_and_resume(clusters, work):
     out = work / "faults"
 
-    # (a) the link between the nodes goes down after step 3
+    # (a) the link between the nodes goes down after step 5 (checkpoints every 4 steps: one at step 4)
     t_cut = []
 
     def cut():
         _sh("ip", "-n", "dpldm-node1", "link", "set", "dpldm-v1", "down")
         t_cut.append(time.time())
 
-    log = _follow(_node1_launch(work, out, FAULT_STEPS), timeout=300, when="step 3:", then=cut)
+    log = _follow(_node1_launch(work, out, FAULT_STEPS), timeout=300, when="step 5:", then=cut)
     waited = time.time() - t_cut[0]
     _sh("ip", "-n", "dpldm-node1", "link", "set", "dpldm-v1", "up")
     line = _peer_failure_line(log)
@@ -367,24 +367,26 @@ def test_link_cut_and_killed_rank_end_with_one_line_and_resume(clusters, work):
     assert waited < COLLECTIVE_TIMEOUT + 30, waited
     assert not (out / "model").exists()
     executed_a = _journal(out)
-    assert executed_a == list(range(1, len(executed_a) + 1)) and len(executed_a) >= 3
+    assert executed_a == list(range(1, len(executed_a) + 1)) and len(executed_a) >= 5
+    assert "keeps checkpoint step 4" in line
     assert f"privacy journal's {len(executed_a)} executed step(s)" in line
-    print(f"link cut after step 3: ended {waited:.0f} s later: {line.split('node1: ', 1)[-1][:160]}")
+    print(f"link cut after step 5: ended {waited:.0f} s later: {line.split('node1: ', 1)[-1][:160]}")
 
-    # (b) resume; the rank on node2 is killed after step 8
+    # (b) resume from step 4; the rank on node2 is killed after step 9 (checkpoint at step 8)
     def kill_node2_rank():
         _sh("bash", str(CLUSTER / "nodes.sh"), "exec", "node2", "--", "pkill", "-9", "-f", "--", "-u launch/train.py")
 
-    log = _follow(_node1_launch(work, out, FAULT_STEPS), timeout=300, when="step 8:", then=kill_node2_rank)
-    assert "resumed from" in log
+    log = _follow(_node1_launch(work, out, FAULT_STEPS), timeout=300, when="step 9:", then=kill_node2_rank)
+    assert f"resumed from {out / 'checkpoints' / 'step_00000004'}" in log
     line = _peer_failure_line(log)
-    assert "Nothing was released" in line and not (out / "model").exists()
+    assert "Nothing was released" in line and "keeps checkpoint step 8" in line and not (out / "model").exists()
     executed_b = _journal(out)
     assert len(executed_b) > len(executed_a) and f"privacy journal's {len(executed_b)} executed step(s)" in line
-    print(f"rank on node2 killed after step 8: {line.split('node1: ', 1)[-1][:160]}")
+    print(f"rank on node2 killed after step 9: {line.split('node1: ', 1)[-1][:160]}")
 
     # (c) the same command finishes the run, every executed step accounted
     log = _follow(_node1_launch(work, out, FAULT_STEPS), timeout=300)
+    assert f"resumed from {out / 'checkpoints' / 'step_00000008'}" in log
     res = _results(log)[-1]
     assert res["finished"] and res["steps_done"] == FAULT_STEPS and (out / "model" / "meta.json").is_file()
     executed = _journal(out)
