@@ -162,6 +162,7 @@ down() {
     done
     ip link del dpldm-v1 2>/dev/null || true
     rm -rf "$STATE"
+    rmdir "$(dirname "$STATE")" 2>/dev/null || true  # the shared parent, once both clusters are down
     echo "nodes.sh: down"
 }
 

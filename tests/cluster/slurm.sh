@@ -135,6 +135,7 @@ down() {
         [[ -f $f ]] && kill -9 "$(cat "$f")" 2>/dev/null || true
     done
     rm -rf "$STATE"
+    rmdir "$(dirname "$STATE")" 2>/dev/null || true  # the shared parent, once both clusters are down
     echo "slurm.sh: down"
 }
 
