@@ -112,6 +112,14 @@ _STEP_NAME = re.compile(r"step_(\d{8,})")
 _PARTIAL, _DELETING = ".partial", ".deleting"  # suffixes of folders being written / being removed
 
 
+def checkpoint_step(folder: str | Path) -> int:
+    """The step number of a `step_XXXXXXXX` folder (as listed by list_step_checkpoints)."""
+    m = _STEP_NAME.fullmatch(Path(folder).name)
+    if m is None:
+        raise ValueError(f"{folder}: not a step checkpoint folder (step_XXXXXXXX)")
+    return int(m.group(1))
+
+
 def list_step_checkpoints(run_dir: str | Path) -> list[Path]:
     """Step checkpoint folders, oldest first. Folders still being written (`.partial`) or being
     removed (`.deleting`), e.g. left behind by a killed run, are never listed."""

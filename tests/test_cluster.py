@@ -334,9 +334,9 @@ def test_scancel_stops_a_running_job_cleanly(clusters, work):
     assert not (out / "model").exists()  # nothing released
     ps = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not ps, f"processes of the cancelled job still running: {ps}"
-    from dpldm.checkpoint import list_step_checkpoints
+    from dpldm.checkpoint import checkpoint_step, list_step_checkpoints
 
-    steps = [int(p.name.split("_")[-1]) for p in list_step_checkpoints(out)]
+    steps = [checkpoint_step(p) for p in list_step_checkpoints(out)]
     assert steps and max(steps) >= 2 and _journal(out) == list(range(1, max(steps) + 1)), (steps, _journal(out))
     print(f"scancel: job {job} CANCELLED after step {max(steps)} (checkpoint), not requeued, nothing left running")
 

@@ -53,15 +53,15 @@ def describe_run_folder(run_dir: Path | None) -> str:
     """What a resume will continue from: the newest checkpoint and the journal's executed steps."""
     if run_dir is None:
         return "no run folder"
-    from dpldm.checkpoint import list_step_checkpoints
+    from dpldm.checkpoint import checkpoint_step, list_step_checkpoints
     from dpldm.privacy.journal import PrivacyJournal
 
     try:
-        steps = [int(p.name.split("_")[-1]) for p in list_step_checkpoints(run_dir)]
+        folders = list_step_checkpoints(run_dir)  # oldest first
         executed = len(PrivacyJournal(run_dir).records())
     except Exception as e:  # the folder itself is unreadable: say so, do not hide the peer failure
         return f"{run_dir} (unreadable: {e})"
-    ckpt = f"checkpoint step {max(steps)}" if steps else "no checkpoint yet"
+    ckpt = f"checkpoint step {checkpoint_step(folders[-1])}" if folders else "no checkpoint yet"
     return f"{run_dir} keeps {ckpt} and the privacy journal's {executed} executed step(s)"
 
 

@@ -116,8 +116,6 @@ class StopRequest:
                 pass
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        import time
-
         now = time.monotonic()
         if self.signal_name is not None and signum in (signal.SIGINT, signal.SIGTERM):
             if now - self._first_at < self.COALESCE_S:

@@ -18,11 +18,12 @@
 # Needs root (CAP_SYS_ADMIN + CAP_NET_ADMIN). State: $DPLDM_CLUSTER_DIR (default /tmp/dpldm-cluster)/nodes.
 set -euo pipefail
 
-STATE=${DPLDM_CLUSTER_DIR:-/tmp/dpldm-cluster}/nodes
+NAME=nodes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+STATE=$CLUSTER_ROOT/nodes
 NODES=(node1 node2)
 SUBNET=10.77.0
 
-die() { echo "nodes.sh: $*" >&2; exit 1; }
 addr_of() { echo "$SUBNET.${1#node}"; }
 
 ensure_packages() {
@@ -32,12 +33,7 @@ ensure_packages() {
     command -v pdsh >/dev/null || missing+=(pdsh)
     command -v ip >/dev/null || missing+=(iproute2)
     command -v nsenter >/dev/null || missing+=(util-linux)
-    if ((${#missing[@]})); then
-        echo "nodes.sh: installing ${missing[*]}" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
-            || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
-            || die "could not install ${missing[*]} (apt-get failed)"
-    fi
+    apt_install "${missing[@]}"
 }
 
 # PID (in this machine's PID namespace) of a node's PID 1, or nothing
@@ -161,9 +157,7 @@ down() {
         fi
     done
     ip link del dpldm-v1 2>/dev/null || true
-    rm -rf "$STATE"
-    rmdir "$(dirname "$STATE")" 2>/dev/null || true  # the shared parent, once both clusters are down
-    echo "nodes.sh: down"
+    remove_state "$STATE"
 }
 
 case "${1:-}" in

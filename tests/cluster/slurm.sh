@@ -15,10 +15,11 @@
 # State: $DPLDM_CLUSTER_DIR (default /tmp/dpldm-cluster)/slurm.
 set -euo pipefail
 
-STATE=${DPLDM_CLUSTER_DIR:-/tmp/dpldm-cluster}/slurm
+NAME=slurm.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+STATE=$CLUSTER_ROOT/slurm
 NODES=(n1 n2)
 
-die() { echo "slurm.sh: $*" >&2; exit 1; }
 
 ensure_packages() {
     local missing=()
@@ -27,10 +28,7 @@ ensure_packages() {
     command -v sbatch >/dev/null || missing+=(slurm-client)
     [[ -x /usr/sbin/munged ]] || missing+=(munge)
     if ((${#missing[@]})); then
-        echo "slurm.sh: installing ${missing[*]}" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
-            || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
-            || die "could not install ${missing[*]} (apt-get failed)"
+        apt_install "${missing[@]}"
         # the packages' own services may have been started by their install scripts: not ours
         pkill -x slurmctld 2>/dev/null || true; pkill -x slurmd 2>/dev/null || true
     fi
@@ -134,9 +132,7 @@ down() {
     for f in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid" "$STATE/munged.pid"; do
         [[ -f $f ]] && kill -9 "$(cat "$f")" 2>/dev/null || true
     done
-    rm -rf "$STATE"
-    rmdir "$(dirname "$STATE")" 2>/dev/null || true  # the shared parent, once both clusters are down
-    echo "slurm.sh: down"
+    remove_state "$STATE"
 }
 
 case "${1:-}" in
