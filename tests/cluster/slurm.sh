@@ -63,7 +63,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$STATE/munge/munge.socket
+# cred_expire: a requeued job may start again only this long after its requeue (a slurmd refuses the
+# job's revoked credential until then: 'Job credential revoked'); default 120 s, 10 s keeps the tests short
+AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
