@@ -42,7 +42,7 @@ CLUSTER = ROOT / "tests" / "cluster"
 sys.path.insert(0, str(ROOT / "tests" / "dist_scripts"))
 import tiny  # noqa: E402
 
-STEPS = 30  # long enough that Slurm's time-limit signal (1-31 s after the start) lands mid-training
+STEPS = 60  # long enough that Slurm's time-limit signal (1-31 s after the start) lands mid-training
 FAULT_STEPS = 12
 SMOKE = ["--random-init", "--synthetic-latents", "24", "--not-private"]
 COLLECTIVE_TIMEOUT = 15  # seconds: how long the ranks wait on a cut link

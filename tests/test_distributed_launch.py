@@ -167,6 +167,20 @@ def test_sbatch_requeue_resumes_with_another_world_size(deepspeed_run, tmp_path)
     for k, v in ref_ema.items():
         torch.testing.assert_close(ema[k], v, rtol=0, atol=1e-5, msg=lambda m: f"ema {k}: {m}")
     assert meta["scheduler"] == ref_meta["scheduler"]
+
+    # leg 3: the time-limit warning arrives after the last step (the model is released): not requeued
+    proc = subprocess.Popen(["bash", script] + RUN_ARGS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env=env, start_new_session=True)
+    lines, signalled = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if not signalled and not line.startswith("finetune.sbatch:"):  # srun runs: the trap is installed
+            os.kill(proc.pid, signal.SIGUSR1)
+            signalled = True
+    log3 = "".join(lines)
+    assert proc.wait(timeout=300) == 0, log3[-4000:]
+    assert "USR1 came after training finished" in log3 and "requeueing" not in log3, log3[-4000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", str(job)]  # still the one requeue
     shutil.rmtree(out / "init_model", ignore_errors=True)
 
 
