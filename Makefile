@@ -37,7 +37,8 @@ bench: install
 # eps {1, 5, 10} x 3 fresh private runs per variant + the direct DP classifier beside each row (hours on 2 CPU
 # cores; an interrupted run resumes). Table: runs/results/results.md; every run: runs/results/results.json.
 results: install
-	$(PY) bench/utility.py --out runs/results
+	$(PY) -m dpldm experiment epsilon --out runs/results/epsilon
+	$(PY) -m dpldm experiment ablation --out runs/results/ablation
 
 lint: install
 	$(PY) -m pyflakes dpldm kernels launch bench tests

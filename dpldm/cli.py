@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("dpldm.sample", "sample a PNG grid or a labelled set (npz, png-dir) from a checkpoint"),
     "evaluate": ("dpldm.eval.cli", "FID, KID and downstream accuracy of synthetic samples"),
     "audit": ("dpldm.privacy.audit", "one-run empirical privacy audit (Steinke et al. 2023)"),
+    "experiment": ("dpldm.experiments.cli", "the paper's experiments: epsilon, ablation, batch, mia, transfer"),
     "export": ("dpldm.export", "export a model as a diffusers folder (or a diffusers folder back to dpldm)"),
     "demo": ("dpldm.demo", "the end-to-end demo on the embedded data"),
 }
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.command_line = ["dpldm", *argv]  # what a command records as the command that made its output
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

@@ -1,5 +1,5 @@
 """Bad input to the public tool that chooses the direct DP-SGD classifier's settings,
-`bench/tune_dp_classifier.py` (docs/errors.md, section "DP classifier tuning tool (issue 16)").
+`dpldm/experiments/tune_dp_classifier.py` (docs/errors.md, section "DP classifier tuning tool (issue 16)").
 
 Each row runs the tool's `main([...])` in-process: exit code 2, ONE stderr line
 `tune_dp_classifier: error: ...` naming the problem (no traceback, no usage block), and nothing
@@ -7,7 +7,7 @@ written: the row's folder `<case>` hashes the same before and after (`--out` is 
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +19,7 @@ SECTION = "## DP classifier tuning tool (issue 16)"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("tune_dp_classifier", REPO / "bench" / "tune_dp_classifier.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dpldm.experiments.tune_dp_classifier")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Bad input to the results protocol `bench/utility.py` (`make results`; docs/errors.md, section
+"""Bad input to the results protocol `dpldm/experiments/utility.py` (`make results`; docs/errors.md, section
 "Results protocol (issue 16)").
 
 Each row runs the tool's `main([...])` in-process: exit code 2, ONE stderr line `utility: error: ...`
@@ -7,10 +7,9 @@ hashes the same before and after (`--out <case>/out` is not created unless the r
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
@@ -24,11 +23,7 @@ SECTION = "## Results protocol (issue 16)"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("results_utility_bad", REPO / "bench" / "utility.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["results_utility_bad"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dpldm.experiments.utility")
 
 
 tool = load_tool()

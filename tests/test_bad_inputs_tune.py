@@ -1,4 +1,4 @@
-"""Bad input to the public tuning tool `bench/tune_public.py` (docs/errors.md, section "Public tuning
+"""Bad input to the public tuning tool `dpldm/experiments/tune_public.py` (docs/errors.md, section "Public tuning
 tool (issue 16)").
 
 Each row runs the tool's `main([...])` in-process: exit code 2, ONE stderr line
@@ -8,9 +8,8 @@ prepared it).
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,7 @@ SECTION = "## Public tuning tool (issue 16)"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("tune_public", REPO / "bench" / "tune_public.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["tune_public"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dpldm.experiments.tune_public")
 
 
 @dataclass

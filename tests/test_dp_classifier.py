@@ -1,5 +1,5 @@
 """The direct DP-SGD classifier (dpldm.eval.dp_classifier) and the public tool that chooses its settings
-(bench/tune_dp_classifier.py).
+(dpldm/experiments/tune_dp_classifier.py).
 
 Privacy claims checked here: epsilon spent = the target, by Opacus' own accountant and calibration
 (q = B/N); one step's noiseless sum equals an independent per-example loop with the ledger's C;
@@ -10,7 +10,7 @@ private. And the tool never reads MNIST.
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib
 import json
 import math
 import re
@@ -213,10 +213,7 @@ def test_bad_data_refused_before_training(case):
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("tune_dp_classifier", ROOT / "bench" / "tune_dp_classifier.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dpldm.experiments.tune_dp_classifier")
 
 
 def test_quick_end_to_end_without_private_data(tmp_path, monkeypatch, capsys):

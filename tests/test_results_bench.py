@@ -1,4 +1,4 @@
-"""The results protocol of `make results` (bench/utility.py, issue 16 item 4).
+"""The results protocol of `make results` (dpldm/experiments/utility.py, issue 16 item 4).
 
 Checked against independent references: the table's mean +- sample std and the margin to the direct
 DP classifier against numpy on hand-made results; the ablation's module numbers against the module
@@ -10,11 +10,10 @@ invocation computes nothing.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("results_utility", REPO / "bench" / "utility.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["results_utility"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dpldm.experiments.utility")
 
 
 tool = load_tool()
-from bench.results_data import TABLE_HEADER  # noqa: E402  (importable once the tool put the repo on sys.path)
+from dpldm.experiments.results_data import TABLE_HEADER  # noqa: E402  (importable once the tool put the repo on sys.path)
 
 
 def demo_unet_config():
@@ -188,7 +183,7 @@ def fake_runs(monkeypatch, calls: list):
 def test_plan_cache_and_resume(tmp_path, monkeypatch, capsys):
     """Every private variant R times per epsilon (repetition-major order), once-only variants once;
     an interrupted invocation resumes with exactly the missing runs; a further one computes nothing
-    and leaves results.json byte for byte."""
+    and changes nothing in results.json but its log of invocations."""
     calls: list[str] = []
     fake_runs(monkeypatch, calls)
     out = tmp_path / "res"
@@ -206,10 +201,13 @@ def test_plan_cache_and_resume(tmp_path, monkeypatch, capsys):
     calls.clear()
     assert tool.main(argv) == 0
     assert calls == ["public", tool.run_key("dp-full", 5, 1), tool.run_key("dp-classifier", 10, 1)]
-    before = (out / "results.json").read_bytes()
+    before = json.loads((out / "results.json").read_text())
     calls.clear()
     assert tool.main(argv) == 0
-    assert calls == [] and (out / "results.json").read_bytes() == before
+    after = json.loads((out / "results.json").read_text())
+    assert calls == [] and after["runs"] == before["runs"] and after["settings"] == before["settings"]
+    assert after["invocations"][:-1] == before["invocations"]  # only this invocation was logged
+    assert after["invocations"][-1]["command"].endswith(" ".join(argv)) and len(after["invocations"]) == 3
     text = capsys.readouterr().out
     assert text.count(": cached") >= len(expected)
     assert (out / "results.md").read_text().strip() in text
@@ -224,7 +222,9 @@ def test_legacy_results_migrated(tmp_path, monkeypatch):
               "dp-attention@eps=10": {"epsilon": 9.99, "accuracy": 0.901, "fid": 66.1, "trainable_parameters": 617368},
               "dp-classifier@eps=10": {"epsilon": 9.99, "accuracy": 0.915, "fid": None}}
     (out / "results.json").write_text(json.dumps(legacy))
-    data = tool.read_results(out / "results.json")
+    from dpldm.experiments.results_data import read_results
+
+    data = read_results(out / "results.json")
     assert set(data["runs"]) == {"public", "dp-attention@eps=10@rep=0", "dp-classifier@eps=10@rep=0"}
     assert data["runs"]["dp-attention@eps=10@rep=0"]["epsilon_target"] == 10.0
     assert data["runs"]["dp-attention@eps=10@rep=0"]["finetune"] == "attention:all"
@@ -274,7 +274,7 @@ def test_quick_protocol_runs(quick):
     specs = tool.ablation_specs(UNet(unet_cfg))
     assert data["ablation_specs"] == specs
     for v in tool.GENERATIVE_PRIVATE:
-        assert f"[results]   {v}: {specs[v]}" in stdout
+        assert f"[utility]   {v}: {specs[v]}" in stdout
     for key, r in runs.items():
         if r["variant"] in tool.ONCE:
             continue
@@ -328,7 +328,7 @@ def test_quick_second_invocation_computes_nothing(quick, monkeypatch):
     from cli_harness import run_in_process
 
     out, _ = quick
-    before = (out / "results.json").read_bytes()
+    before = json.loads((out / "results.json").read_text())
 
     def boom(*a, **k):
         raise AssertionError("a cached run was computed again")
@@ -336,6 +336,7 @@ def test_quick_second_invocation_computes_nothing(quick, monkeypatch):
     monkeypatch.setattr(tool, "run_one", boom)
     rc, stdout, stderr = run_in_process(tool.main, ["--quick", "--out", str(out), "--threads", "1"])
     assert rc == 0, stderr
-    assert (out / "results.json").read_bytes() == before
+    after = json.loads((out / "results.json").read_text())
+    assert after["runs"] == before["runs"] and after["invocations"][:-1] == before["invocations"]
     n = 2 + len(tool.PRIVATE) * len(tool.QUICK_EPSILONS) * tool.QUICK_REPEATS
     assert stdout.count(": cached") == n

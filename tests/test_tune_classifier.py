@@ -1,9 +1,9 @@
 """The downstream CNN's augmentation (dpldm.eval.augment) and the public tool that chooses the CNN's
-settings (bench/tune_classifier.py): geometry against torch.rot90 / index shifts, determinism, and a
+settings (dpldm/experiments/tune_classifier.py): geometry against torch.rot90 / index shifts, determinism, and a
 quick end-to-end run that never reads private data."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import re
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("tune_classifier", ROOT / "bench" / "tune_classifier.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dpldm.experiments.tune_classifier")
 
 
 def test_affine_identity_rotation_and_offset():

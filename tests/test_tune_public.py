@@ -1,4 +1,4 @@
-"""The public tuning proxy (dpldm.eval.proxy) and its sweep tool (bench/tune_public.py), issue 16.
+"""The public tuning proxy (dpldm.eval.proxy) and its sweep tool (dpldm/experiments/tune_public.py), issue 16.
 
 Checked against independent references: the proxy's images map back to scikit-learn's own digits
 and labels; the judge is bit-for-bit reproducible, reads public digits far above chance, and a
@@ -8,10 +8,9 @@ source patched to raise, and its chosen candidate is the argmax of the score col
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("tune_public", REPO / "bench" / "tune_public.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["tune_public"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dpldm.experiments.tune_public")
 
 
 @pytest.fixture(scope="module")

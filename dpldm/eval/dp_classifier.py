@@ -11,7 +11,7 @@ through the project's DP engine exactly as the fine-tuning trainer does:
 
 The whole (epsilon, delta) is this classifier's own budget: sigma is calibrated for its own q and
 steps. Its settings (DPClassifierConfig's defaults) were chosen on PUBLIC data only:
-bench/tune_dp_classifier.py trains each candidate on the public proxy (dpldm.eval.proxy: the
+dpldm/experiments/tune_dp_classifier.py trains each candidate on the public proxy (dpldm.eval.proxy: the
 stand-in set of scikit-learn digits grown to N = 4000, noise calibrated for the same (epsilon,
 delta) with the candidate's own q and steps) and scores it on the proxy's held-out half
 (docs/tuning.md, "The direct DP-SGD classifier").

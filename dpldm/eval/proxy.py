@@ -1,5 +1,5 @@
 """A PUBLIC proxy of the demo's private task, on which a DP recipe's settings are chosen
-(docs/tuning.md; `bench/tune_public.py` runs the sweep).
+(docs/tuning.md; `dpldm/experiments/tune_public.py` runs the sweep).
 
     scikit-learn's 1,797 handwritten 8x8 digits (public), upsampled to the private task's layout
     (white on black, smooth upsampling, the digit in the central `digit_size` px of 32x32)

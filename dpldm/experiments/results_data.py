@@ -1,27 +1,26 @@
-"""What `bench/utility.py` (`make results`) keeps and shows: the variant names, the results.json store
-(one file per --out, every individual run, a settings fingerprint, a lock so that several invocations can
-fill it) and the table (mean +- sample std over repetitions, the direct DP-SGD classifier beside each
-row). No training or evaluation happens here; the tool's runner lives in bench/utility.py."""
+"""What the utility protocol (dpldm/experiments/utility.py; the epsilon and ablation experiments)
+keeps and shows: the variant names, what a run in results.json must hold (the store itself:
+dpldm/experiments/store.py) and the table (mean +- sample std over repetitions, the direct DP-SGD
+classifier beside each row). No training or evaluation happens here."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dpldm.errors import UserError
-from dpldm.utils.io import atomic_write_text
+from dpldm.experiments import store
+from dpldm.experiments.common import Stat, stat
 
-SCHEMA = 2  # results.json: {"schema", "settings_sha256", "settings", "ablation_specs", "runs": {key: row}}
-ONCE = ("public", "nonprivate-attention")
+SCHEMA = store.SCHEMA  # results.json: store.py's fields + "ablation_specs"
+# not private: run once, or once per repetition with --repeat-once (the epsilon experiment's "inf" column)
+ONCE = ("public", "nonprivate-attention", "nonprivate-classifier")
 GENERATIVE_PRIVATE = ("dp-attention", "dp-attention-decoder", "dp-attention-last", "dp-full")
 DIRECT = "dp-classifier"
 PRIVATE = GENERATIVE_PRIVATE + (DIRECT,)
 VARIANTS = ONCE + PRIVATE
+DEFAULT_VARIANTS = ("public", "nonprivate-attention") + PRIVATE  # `make results` of issue 16
 LEGACY_NOTE = ("includes runs from an old results.json (one run per key, read as repetition 0) whose settings were "
                "not recorded: they may come from an earlier recipe")
 TABLE_HEADER = ("| variant (trained modules) | ε target | ε spent | trainable params | runs | downstream acc. (real test) "
@@ -31,7 +30,9 @@ TABLE_HEADER = ("| variant (trained modules) | ε target | ε spent | trainable 
 # -- results.json ----------------------------------------------------------------------------------------
 
 def run_key(variant: str, eps: float | None, rep: int) -> str:
-    return variant if eps is None else f"{variant}@eps={eps:g}@rep={rep}"
+    if eps is None:  # a non-private variant: repetition 0 keeps the key of the once-only protocol
+        return variant if rep == 0 else f"{variant}@rep={rep}"
+    return f"{variant}@eps={eps:g}@rep={rep}"
 
 
 def migrate_legacy(old: dict, path: Path) -> dict:
@@ -82,86 +83,11 @@ def check_run(key: str, row: Any, path: Path) -> None:
 
 
 def read_results(path: Path) -> dict:
-    if path.exists() and not path.is_file():
-        raise UserError(f"{path}: is a folder, not a results file; move it away or use another --out")
-    if not path.is_file():
-        return {"schema": SCHEMA, "settings_sha256": None, "settings": None, "runs": {}}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: not a readable results file ({type(e).__name__}: {e}); move it away or use "
-                        "another --out") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a results file (expected a JSON object)")
-    if "schema" not in data:
-        data = migrate_legacy(data, path)
-    elif data.get("schema") != SCHEMA or not isinstance(data.get("runs"), dict):
-        raise UserError(f"{path}: results schema {data.get('schema')!r} is not understood (expected {SCHEMA} with "
-                        "a 'runs' object)")
-    for key, row in data["runs"].items():
-        check_run(key, row, path)
-    return data
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def check_settings(data: dict, settings: dict, sha: str, path: Path) -> None:
-    """A results file holds runs of one settings fingerprint: refuse to mix in others."""
-    if data.get("settings_sha256") in (None, sha):
-        return
-    old, new = flatten(data.get("settings") or {}), flatten(settings)
-    diff = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) | set(new))
-            if old.get(k, "(absent)") != new.get(k, "(absent)")]
-    shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
-    raise UserError(f"{path} holds runs made with other settings ({shown or 'settings differ'}); use another --out "
-                    "(nothing was changed)")
-
-
-@contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Several invocations may fill one results.json (e.g. --threads 1 twice on 2 cores)."""
-    with open(out / ".results.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def record(path: Path, settings: dict, sha: str, specs: dict, key: str | None, row: dict | None) -> dict:
-    """Re-read results.json under the lock, add one run (or only adopt the settings), write atomically."""
-    with locked(path.parent):
-        data = read_results(path)
-        check_settings(data, settings, sha, path)
-        data.update(settings_sha256=sha, settings=settings, ablation_specs=specs)
-        if key is not None:
-            data["runs"][key] = row
-        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-        return data
+    """results.json of the utility protocol (an old flat file is migrated in memory; every run checked)."""
+    return store.read(path, check_run, migrate_legacy)
 
 
 # -- the table -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Stat:
-    mean: float | None
-    std: float | None  # sample standard deviation (n - 1); None below 2 values
-    n: int
-
-
-def stat(values: list) -> Stat:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return Stat(None, None, 0)
-    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) >= 2 else None, len(vals))
-
 
 @dataclass(frozen=True)
 class TableRow:
@@ -224,7 +150,7 @@ def markdown_table(rows: list[TableRow]) -> str:
         name = r.variant + (f" ({r.finetune})" if r.finetune else "") + (" †" if r.legacy else "")
         target = "—" if r.epsilon_target is None else f"{r.epsilon_target:g}"
         spent = r.epsilon_spent.mean
-        spent_s = ("∞ (non-private)" if spent == float("inf") or (spent is None and r.variant == "nonprivate-attention")
+        spent_s = ("∞ (non-private)" if spent == float("inf") or (spent is None and r.variant.startswith("nonprivate"))
                    else "0 (no private data)" if spent == 0 else "—" if spent is None else f"{spent:.2f}")
         params = "—" if r.trainable_parameters is None else f"{r.trainable_parameters:,}"
         fid = fmt(r.fid) + ("" if r.fid.mean is None or r.fid_n_samples is None else f" ({r.fid_n_samples})")

@@ -4,14 +4,14 @@ The downstream classifier (dpldm.eval.classifier) is how the product's utility i
 trained on synthetic samples, selected on a synthetic validation split, tested once on real data.
 Its settings (epochs, augmentation, widths) decide the reported number, so they are chosen here on
 public data only (docs/tuning.md): samples of a PROXY model (a model DP fine-tuned by
-bench/tune_public.py on the stand-in set of scikit-learn digits) train each candidate CNN, which is
+dpldm/experiments/tune_public.py on the stand-in set of scikit-learn digits) train each candidate CNN, which is
 tested on the proxy's held-out half (898 public digits). Every candidate sees the same sample sets
 and the same seeds; the chosen one has the highest mean accuracy over (sample set x seed). Each
 sample set is also read by the public judge (class fidelity), so an eta comparison comes out of
 the same run.
 
-    python bench/tune_classifier.py --model runs/tune_public/finetune/<ft-...>/model --etas 0 1
-    python bench/tune_classifier.py --quick          # smoke run on the shipped public model (tests)
+    python -m dpldm.experiments.tune_classifier --model runs/tune_public/finetune/<ft-...>/model --etas 0 1
+    python -m dpldm.experiments.tune_classifier --quick          # smoke run on the shipped public model (tests)
 
 Prints a table; writes <out>/report.json atomically and caches the sample sets (<out>/samples_eta*.npz).
 """
@@ -29,10 +29,9 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from dpldm.errors import InputError  # noqa: E402
+from dpldm.errors import InputError
 
 PROG = "tune_classifier"
 NUM_CLASSES = 10
@@ -137,7 +136,7 @@ def run(args) -> int:
         eta_lines.append(f"| {key} | {100 * s['fidelity']:.1f}% | {100 * ds:.1f}% | {s['score']:.6f} |")
     print("\n".join(lines + [""] + eta_lines))
     print(f"chosen: {chosen} (mean {100 * means[chosen]:.2f}%)")
-    report = {"command": " ".join(["python", "bench/tune_classifier.py"] + list(args.argv)),
+    report = {"command": " ".join(["python", "-m", "dpldm.experiments.tune_classifier"] + list(args.argv)),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
               "model": args.model or "the shipped public model", "per_class": per_class, "seeds": args.seeds,

@@ -11,8 +11,8 @@ digits). The runs are seeded (public data: `deterministic`, `not_private`). Per 
 candidate with the highest mean accuracy over the seeds is chosen (ties: the first in grid order);
 "overall" is the highest mean over the epsilons (one setting for every epsilon).
 
-    python bench/tune_dp_classifier.py --epsilons 1 10 --clip 0.1 1 --lr 1e-3 3e-3 --schedule 200x500 100x1000
-    python bench/tune_dp_classifier.py --quick        # smoke run (tests): N = 200, 3 steps
+    python -m dpldm.experiments.tune_dp_classifier --epsilons 1 10 --clip 0.1 1 --lr 1e-3 3e-3 --schedule 200x500 100x1000
+    python -m dpldm.experiments.tune_dp_classifier --quick        # smoke run (tests): N = 200, 3 steps
 
 Prints a table; writes <out>/report.json atomically after every candidate (a later invocation
 with the same --out reuses finished candidates).
@@ -33,10 +33,9 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from dpldm.errors import InputError, UserError  # noqa: E402
+from dpldm.errors import InputError, UserError
 
 PROG = "tune_dp_classifier"
 TABLE_HEADER = "| epsilon | C | lr | steps x batch | sigma | q | accuracy (proxy test): mean | min | max |"
@@ -145,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     reused = {k: v for k, v in old.get("candidates", {}).items()} if same_setup else {}
     rows: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {
-        "command": " ".join(["python", "bench/tune_dp_classifier.py"] + list(args.argv)),
+        "command": " ".join(["python", "-m", "dpldm.experiments.tune_dp_classifier"] + list(args.argv)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
         "proxy": proxy_info, "seeds": list(args.seeds), "candidates": rows}

@@ -9,8 +9,8 @@ split (downstream accuracy). The candidate with the highest score (configs/proxy
 score; ties: the first in grid order) is chosen. Candidates that differ only in sampling settings
 (guidance, eta, sampler, sample steps) share one fine-tuned model.
 
-    python bench/tune_public.py --grid diffusion.guidance_scale=1,2 --grid diffusion.timesteps_per_example=1,4
-    python bench/tune_public.py --quick --grid diffusion.guidance_scale=1,2        # smoke run (tests)
+    python -m dpldm.experiments.tune_public --grid diffusion.guidance_scale=1,2 --grid diffusion.timesteps_per_example=1,4
+    python -m dpldm.experiments.tune_public --quick --grid diffusion.guidance_scale=1,2        # smoke run (tests)
 
 Prints a table; writes <out>/report.json (atomically), a sample grid per candidate, the stand-in
 set (<out>/proxy_private_N.npz, public) and the proxy's fine-tuned models (<out>/finetune/). An --out
@@ -37,11 +37,10 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from dpldm.config import ConfigError, RunConfig, load_config, parse_override  # noqa: E402
-from dpldm.errors import InputError, UserError  # noqa: E402
+from dpldm.config import ConfigError, RunConfig, load_config, parse_override
+from dpldm.errors import InputError, UserError
 
 PROG = "tune_public"
 # set by the tool for every proxy run: a candidate may not change them
@@ -364,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + table(cands, chosen, baseline))
     print(f"\nchosen: {cands[chosen].name} (score {scores[chosen]:.6f}; score = {proxy.score})")
     report = {
-        "command": " ".join(["python bench/tune_public.py", *args.argv]),
+        "command": " ".join(["python -m dpldm.experiments.tune_public", *args.argv]),
         "date": datetime.date.today().isoformat(), "machine": machine(), "quick": args.quick,
         "recipe": str(args.recipe), "set": sets, "grid": [[k, v] for k, v in grid], "epsilon": epsilon,
         "proxy": asdict(proxy), "noise_match": asdict(match) if match else None,

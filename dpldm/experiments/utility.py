@@ -22,9 +22,9 @@ not computed again, so an interrupted invocation resumes; an unfinished fine-tun
 its checkpoint); the table (mean +- sample std over repetitions) is printed and written to
 <out>/results.md. A results.json made with other settings (recipe, --set, protocol) is refused.
 
-    python bench/utility.py                                  # the full protocol (hours on 2 CPU cores)
-    python bench/utility.py --variants dp-attention dp-classifier --epsilons 10 --repeats 1
-    python bench/utility.py --quick --out /tmp/results-quick # smoke run of the whole protocol (seconds)
+    python -m dpldm.experiments.utility                                  # the full protocol (hours on 2 CPU cores)
+    python -m dpldm.experiments.utility --variants dp-attention dp-classifier --epsilons 10 --repeats 1
+    python -m dpldm.experiments.utility --quick --out /tmp/results-quick # smoke run of the whole protocol (seconds)
 """
 from __future__ import annotations
 
@@ -41,15 +41,16 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from dpldm.config import ConfigError, RunConfig, load_config  # noqa: E402
-from dpldm.errors import InputError, UserError  # noqa: E402
-from dpldm.utils.io import atomic_write_text  # noqa: E402
-
-from bench.results_data import (DIRECT, GENERATIVE_PRIVATE, LEGACY_NOTE, ONCE, PRIVATE, VARIANTS,  # noqa: E402
-                                aggregate, check_settings, markdown_table, read_results, record, run_key)
+from dpldm.config import ConfigError, RunConfig, load_config
+from dpldm.errors import InputError, UserError
+from dpldm.utils.io import atomic_write_text
+from dpldm.experiments.results_data import (DEFAULT_VARIANTS, DIRECT, GENERATIVE_PRIVATE, LEGACY_NOTE, ONCE,
+                                            PRIVATE, VARIANTS,
+                                            aggregate, check_run, markdown_table, migrate_legacy, run_key)
+from dpldm.experiments.common import progress
+from dpldm.experiments.store import ResultStore
 
 PROG = "utility"
 # --quick: a smoke run of the whole protocol (tests): a stratified subset of the private source
@@ -79,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epsilons", type=float, nargs="+", default=None,
                    help=f"target epsilons (default {' '.join(f'{e:g}' for e in EPSILONS)}; "
                         f"{' '.join(f'{e:g}' for e in QUICK_EPSILONS)} with --quick)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    p.add_argument("--repeat-once", action="store_true",
+                   help="run the non-private variants --repeats times too (default: once)")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"fresh private runs per (variant, epsilon) (default {REPEATS}; {QUICK_REPEATS} with --quick)")
     p.add_argument("--samples-per-class", type=int, default=None, help=f"default 200 ({QUICK_SAMPLES_PER_CLASS} with --quick)")
@@ -241,7 +244,7 @@ def run_dp_finetune(cfg: RunConfig, out: Path, finetune_spec: str, verbose: bool
     cfg.train.out_dir = str(out)
     cfg.train.wandb = False
     res = train(cfg, FinetuneOptions(out=out, init=cfg.train.init_checkpoint or None, resume="auto",
-                                     verbose=verbose, command="python bench/utility.py"))  # continue an interrupted run
+                                     verbose=verbose, command="python -m dpldm.experiments.utility"))  # continue an interrupted run
     return load_ldm(res["model"]), res["privacy"]
 
 
@@ -298,6 +301,19 @@ def run_dp_classifier(cfg: RunConfig, epsilon: float, seed: int, dc) -> dict:
     return {**res, "fid": None}
 
 
+def run_real_classifier(cfg: RunConfig, args, seed: int) -> dict:
+    """The downstream CNN trained on the real private train split without privacy (the direct
+    classifier's epsilon = inf ceiling), read once on the test split."""
+    from dpldm.data.sources import load_source
+    from dpldm.eval.classifier import downstream_accuracy
+
+    x, y, _ = load_source(cfg.data.private, "train")
+    xt, yt, _ = load_source(cfg.data.private, "test")
+    res = downstream_accuracy(x, y, xt, yt, num_classes=cfg.data.num_classes, config=downstream_config(args, seed))
+    return {"accuracy": res["accuracy"], "mean_per_class_accuracy": res["mean_per_class_accuracy"],
+            "epsilon": float("inf"), "trainable_parameters": None, "fid": None}
+
+
 def run_one(variant: str, eps: float | None, rep: int, cfg: RunConfig, specs: dict, args, out: Path) -> dict:
     """One run of the protocol; its row for results.json (plain values only)."""
     key = run_key(variant, eps, rep)
@@ -312,6 +328,8 @@ def run_one(variant: str, eps: float | None, rep: int, cfg: RunConfig, specs: di
         meta["finetune"] = cfg.train.finetune
         ldm, info = run_nonprivate_finetune(cfg, out / key)
         row = {**info, **evaluate_generative(ldm, cfg, args, out / "cache", rep)}
+    elif variant == "nonprivate-classifier":
+        row = run_real_classifier(cfg, args, rep)
     elif variant == DIRECT:
         row = run_dp_classifier(cfg, eps, rep, direct_config(args))
     else:
@@ -325,7 +343,8 @@ def run_one(variant: str, eps: float | None, rep: int, cfg: RunConfig, specs: di
 def plan(args) -> list[tuple[str, float | None, int]]:
     """(variant, epsilon, repetition): the once-only variants, then repetition 0 of every private
     (variant, epsilon), then repetition 1, ... (an interrupted invocation leaves whole repetitions)."""
-    jobs: list[tuple[str, float | None, int]] = [(v, None, 0) for v in ONCE if v in args.variants]
+    once_reps = range(args.repeats) if getattr(args, "repeat_once", False) else range(1)
+    jobs: list[tuple[str, float | None, int]] = [(v, None, r) for r in once_reps for v in ONCE if v in args.variants]
     for rep in range(args.repeats):
         for eps in args.epsilons:
             jobs += [(v, eps, rep) for v in PRIVATE if v in args.variants]
@@ -336,12 +355,13 @@ def plan(args) -> list[tuple[str, float | None, int]]:
 
 # -- main ------------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, experiment: str = "utility") -> tuple[dict, dict]:
+    """The protocol for args.variants x args.epsilons x args.repeats into args.out (resumable);
+    returns (the results store's data, the ablation specs)."""
     from dpldm.models.unet import UNet
 
     check_args(args)
     out = Path(args.out)
-    results_path = out / "results.json"
     sets = (QUICK_SETS if args.quick else []) + list(args.set) + [f"train.threads={args.threads}"]
     base = load_config(args.config, sets)  # ConfigError on a bad recipe or --set, before anything is written
     unet = UNet(base.unet)
@@ -351,52 +371,63 @@ def run(args: argparse.Namespace) -> int:
         sets.append(f"data.private={json.dumps(str(out / QUICK_NPZ))}")
         base = load_config(args.config, sets)
     settings, sha = settings_of(base, args, quick_source=source if args.quick else None)
-    data = read_results(results_path)  # refuse a foreign or unreadable results.json before computing anything
-    check_settings(data, settings, sha, results_path)
+    # refuses a foreign, unreadable or other-settings results.json before anything is computed
+    store = ResultStore(out, experiment, settings, check_run=check_run, migrate=migrate_legacy,
+                        extra={"ablation_specs": specs}).check()
     torch.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.quick:
+    if args.quick:  # refuses a subset cut from another source before anything is written
+        out.mkdir(parents=True, exist_ok=True)
         quick_private_source(source, out / QUICK_NPZ)
+    store.open(getattr(args, "command_line", None))
     n_modules = len(unet.attention_modules())
-    print(f"[results] settings {sha}; {args.repeats} repetition(s) at epsilon {', '.join(f'{e:g}' for e in args.epsilons)}"
-          f"; trained modules (of {n_modules} attention modules, 1-based forward order; + class embedder):", flush=True)
+    print(f"[{experiment}] settings {sha}; {args.repeats} repetition(s) at epsilon "
+          f"{', '.join(f'{e:g}' for e in args.epsilons)}; trained modules (of {n_modules} attention modules, "
+          "1-based forward order; + class embedder):", flush=True)
     for v in GENERATIVE_PRIVATE:
         if v in args.variants:
-            print(f"[results]   {v}: {specs[v]}", flush=True)
-    data = record(results_path, settings, sha, specs, None, None)
-    legacy = sorted(k for k, r in data["runs"].items() if "migrated_from" in r)
+            print(f"[{experiment}]   {v}: {specs[v]}", flush=True)
+    legacy = sorted(k for k, r in store.runs.items() if "migrated_from" in r)
     if legacy:
-        print(f"[results] warning: {len(legacy)} run(s) {LEGACY_NOTE} ({', '.join(legacy)}); they are reused and "
-              "marked † in the table; use another --out to recompute them", flush=True)
-    for variant, eps, rep in plan(args):
+        print(f"[{experiment}] warning: {len(legacy)} run(s) {LEGACY_NOTE} ({', '.join(legacy)}); they are reused "
+              "and marked † in the table; use another --out to recompute them", flush=True)
+    jobs = plan(args)
+    for variant, eps, rep in progress(jobs, experiment):
         key = run_key(variant, eps, rep)
-        if key in data["runs"]:
-            print(f"[results] {key}: cached", flush=True)
+        if key in store.runs:
+            print(f"[{experiment}] {key}: cached", flush=True)
             continue
         cfg = load_config(args.config, sets + ([f"privacy.epsilon={eps!r}"] if eps is not None else []))
-        print(f"[results] {key} ...", flush=True)
+        print(f"[{experiment}] {key} ...", flush=True)
         t0 = time.time()
         row = run_one(variant, eps, rep, cfg, specs, args, out)
         row["seconds"] = round(time.time() - t0, 1)  # the whole run (benchmark file; docs/results.md, Protocol)
-        data = record(results_path, settings, sha, specs, key, row)
+        store.record(key, row)
         fid = row.get("fid")
-        print(f"[results] {key}: accuracy {row.get('accuracy'):.4f}, FID {'—' if fid is None else f'{fid:.2f}'}, "
+        print(f"[{experiment}] {key}: accuracy {row.get('accuracy'):.4f}, FID {'—' if fid is None else f'{fid:.2f}'}, "
               f"{row['seconds']} s", flush=True)
+    return store.data, specs
+
+
+def run_table(args: argparse.Namespace) -> int:
+    """`python -m dpldm.experiments.utility`: the protocol, then its table (results.md)."""
+    data, _ = run(args)
     table = markdown_table(aggregate(data["runs"]))
-    atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(Path(args.out) / "results.md", table + "\n")
     print(table)
-    print(f"[results] wrote {out / 'results.md'} (table) and {results_path} (every run)", flush=True)
+    print(f"[utility] wrote {Path(args.out) / 'results.md'} (table) and {Path(args.out) / 'results.json'} (every run)",
+          flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.command_line = ["python", "-m", "dpldm.experiments.utility", *(sys.argv[1:] if argv is None else argv)]
     if args.epsilons is None:
         args.epsilons = list(QUICK_EPSILONS if args.quick else EPSILONS)
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else REPEATS
     try:
-        return run(args)
+        return run_table(args)
     except (InputError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ def check_privacy_settings(cfg: RunConfig) -> None:
     """Refuse configurations whose privacy claim would be false (before any work)."""
     tc, pc = cfg.train, cfg.privacy
     if not pc.enabled:
-        raise UserError("privacy.enabled = false: this is the DP fine-tuning trainer; use `bench/utility.py` for the "
+        raise UserError("privacy.enabled = false: this is the DP fine-tuning trainer; use `dpldm/experiments/utility.py` for the "
                         "non-private ceiling")
     if tc.deterministic and not tc.not_private:
         raise UserError("train.deterministic = true seeds the noise, the Poisson sampling and the diffusion draws from "
