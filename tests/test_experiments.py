@@ -192,3 +192,24 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         rc, _, err = run_in_process(dpldm_main, argv)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_readme_names_every_experiment_and_its_commands_parse():
+    """README's `## Experiments` block: one line per registered experiment, each parses as it stands."""
+    import shlex
+
+    from dpldm.cli import build_parser
+    from dpldm.experiments import EXPERIMENTS
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Experiments\n.*?```bash\n(.*?)```", text, flags=re.S).group(1)
+    lines = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.startswith("dpldm experiment")]
+    named = set()
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        args = build_parser("experiment").parse_args(argv)
+        assert args.command == "experiment" and args.experiment in EXPERIMENTS
+        named.add(args.experiment)
+    assert named == set(EXPERIMENTS)
+    for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text.split("## Results at a glance", 1)[1].split("##", 1)[0]):
+        assert (Path(__file__).resolve().parents[1] / fig).is_file(), fig

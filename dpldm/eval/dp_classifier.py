@@ -204,9 +204,12 @@ def train_dp_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nda
     run = build_run(train_x, train_y, ledger, config, seed, num_classes)
     for _ in range(config.steps):
         run.step()
-    acc = float((predict(run.model, tx) == ty.numpy()).mean())  # the test split, read once
+    predicted, truth = predict(run.model, tx), ty.numpy()  # the test split, read once
+    acc = float((predicted == truth).mean())
+    recalls = [float((predicted[truth == c] == c).mean()) for c in np.unique(truth)]  # classes present in the test split
     spent = ledger.epsilon_spent()
-    return {"accuracy": acc, "epsilon": math.inf if config.not_private else spent, "epsilon_accounted": spent,
+    return {"accuracy": acc, "mean_per_class_accuracy": float(np.mean(recalls)),
+            "epsilon": math.inf if config.not_private else spent, "epsilon_accounted": spent,
             "delta": delta, "noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
             "expected_batch_size": config.expected_batch_size, "steps": ledger.steps_done,
             "max_grad_norm": ledger.max_grad_norm, "lr": config.lr,

@@ -9,5 +9,6 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "epsilon": ("dpldm.experiments.epsilon",
                 "accuracy and FID against epsilon, ours beside the direct DP-SGD classifier"),
     "ablation": ("dpldm.experiments.ablation", "which attention modules to fine-tune, at epsilon 1, 5 and 10"),
+    "batch": ("dpldm.experiments.batch", "large-batch scaling at fixed privacy (expected batch sweep)"),
     "transfer": ("dpldm.experiments.transfer", "cross-domain transfer: a private set far from the public one"),
 }
