@@ -130,16 +130,6 @@ def test_registered():
     assert EXPERIMENTS.get("batch", ("",))[0] == "dpldm.experiments.batch"
 
 
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    """The tests below run the command through dpldm.cli even while the registry is being edited
-    (test_registered checks the entry itself)."""
-    from dpldm.experiments import EXPERIMENTS
-
-    if "batch" not in EXPERIMENTS:
-        monkeypatch.setitem(EXPERIMENTS, "batch", ("dpldm.experiments.batch", "large-batch scaling at fixed privacy"))
-
-
 def _main(argv):
     from dpldm.cli import main
 

@@ -10,5 +10,6 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                 "accuracy and FID against epsilon, ours beside the direct DP-SGD classifier"),
     "ablation": ("dpldm.experiments.ablation", "which attention modules to fine-tune, at epsilon 1, 5 and 10"),
     "batch": ("dpldm.experiments.batch", "large-batch scaling at fixed privacy (expected batch sweep)"),
+    "mia": ("dpldm.experiments.mia", "membership inference on the released model against the DP bound"),
     "transfer": ("dpldm.experiments.transfer", "cross-domain transfer: a private set far from the public one"),
 }
