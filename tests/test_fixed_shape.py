@@ -18,7 +18,10 @@ from dpldm.privacy.dp_step import DPStep
 from dpldm.privacy.fixed_shape import fixed_chunks, plan_fixed_shape
 from dpldm.privacy.sampler import PoissonPlan
 from dpldm.train.dp_finetune import FinetuneOptions, train
-from test_privacy_path import cfg_for, world  # noqa: F401 (world: a fixture)
+import test_privacy_path
+from test_privacy_path import cfg_for
+
+world = test_privacy_path.world  # the fixture, shared with test_privacy_path
 
 
 def binom_tail(n: int, q: float, bound: int) -> float:

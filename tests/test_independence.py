@@ -19,7 +19,10 @@ from dpldm.privacy.batches import pad_rows, select_rows
 from dpldm.privacy.independence import ExampleMixingError, check_independence
 from dpldm.privacy.sampler import PoissonPlan
 from dpldm.train.dp_finetune import FinetuneOptions, Trainer, train
-from test_privacy_path import _Head, _sq_loss, cfg_for, world  # noqa: F401 (world: a fixture)
+import test_privacy_path
+from test_privacy_path import _Head, _sq_loss, cfg_for
+
+world = test_privacy_path.world  # the fixture, shared with test_privacy_path
 
 C = 0.01
 

@@ -15,7 +15,10 @@ from dpldm.checkpoint import CheckpointError, list_step_checkpoints
 from dpldm.privacy.accountant import PrivacyLedger, _epsilon
 from dpldm.privacy.journal import JOURNAL, JournalError, PrivacyJournal, extra_executions
 from dpldm.train.dp_finetune import FinetuneOptions, Trainer, train
-from test_privacy_path import cfg_for, world  # noqa: F401 (world: a fixture)
+import test_privacy_path
+from test_privacy_path import cfg_for
+
+world = test_privacy_path.world  # the fixture, shared with test_privacy_path
 
 STEPS = ["privacy.steps=6", "train.checkpoint_every=2", "train.wandb=false", "privacy.backend=\"torch\""]
 

@@ -96,7 +96,7 @@ def test_quick_end_to_end_without_private_data(tmp_path, monkeypatch, capsys):
         accs = report["candidates"][n]["accuracies"]
         assert len(accs) == 2 and report["candidates"][n]["mean"] == pytest.approx(np.mean(accs), abs=1e-6)
     assert report["chosen"] == names[int(np.argmax(means))]
-    assert sum("(chosen)" in r for r in rows) == 1 and f"(chosen)" in rows[int(np.argmax(means))]
+    assert sum("(chosen)" in r for r in rows) == 1 and "(chosen)" in rows[int(np.argmax(means))]
     (cached,) = out.glob("samples_eta0_*.npz")
     before = cached.stat().st_mtime_ns
     assert tool.main(["--quick", "--out", str(out), "--threads", "1", "--seeds", "0"]) == 0
