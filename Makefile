@@ -34,8 +34,8 @@ bench: install
 	$(PY) bench/data.py --quick
 	$(PY) bench/scaling.py --quick
 
-# eps {1, 5, 10} x 3 fresh private runs per variant + the direct DP classifier beside each row (hours on 2 CPU
-# cores; an interrupted run resumes). Table: runs/results/results.md; every run: runs/results/results.json.
+# The epsilon curve (eps 1 2 5 10 inf x 3, ours beside the direct DP classifier) and the attention-range ablation
+# (hours on 2 CPU cores; an interrupted run resumes): runs/results/{epsilon,ablation}/{results.md,results.json,*.png}.
 results: install
 	$(PY) -m dpldm experiment epsilon --out runs/results/epsilon
 	$(PY) -m dpldm experiment ablation --out runs/results/ablation
