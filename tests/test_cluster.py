@@ -73,7 +73,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow,
 
 
 def _sh(*cmd: str, timeout: float = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    r = subprocess.run(list(cmd), capture_output=True, text=True, errors="replace", timeout=timeout, env=env, cwd=ROOT)
     if check and r.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -213,7 +213,7 @@ def _node1_launch(work: Path, out: Path, steps: int, extra: str = "") -> subproc
     cmd += " " + " ".join(shlex.quote(a) for a in SMOKE) + f" --collective-timeout {COLLECTIVE_TIMEOUT} {extra}"
     shell = f"cd {ROOT} && export PATH={Path(sys.executable).parent}:$PATH DS_ENV_FILE={work / 'ds_env'} && {cmd}"
     return subprocess.Popen(["bash", str(CLUSTER / "nodes.sh"), "exec", "node1", "--", "bash", "-c", shell],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", cwd=ROOT, env=_env(),
                             start_new_session=True)
 
 
@@ -265,12 +265,18 @@ def _job(job: str, env: dict) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
 
 
+def _read_log(path: Path) -> str:
+    """A Slurm output file: both nodes' ranks append to it, so a progress bar's multi-byte character can
+    be split by another rank's line (not UTF-8 there): read it replacing such bytes."""
+    return path.read_text(errors="replace")
+
+
 def _slurm_diagnostics(job: str, env: dict, log_file: Path) -> str:
     """What a failed Slurm test needs to be understood from CI's output alone: the job record, the
     batch log's tail and the daemons' logs about this job."""
     state = Path(env["SLURM_CONF"]).parent
     parts = [_sh("scontrol", "show", "job", job, env=env, check=False).stdout,
-             "--- batch log (tail) ---\n" + (log_file.read_text()[-4000:] if log_file.exists() else "(none)")]
+             "--- batch log (tail) ---\n" + (_read_log(log_file)[-4000:] if log_file.exists() else "(none)")]
     for daemon_log in sorted((state / "log").glob("slurm*.log")):
         lines = daemon_log.read_text(errors="replace").splitlines()
         mine = [ln for ln in lines if f"JobId={job}" in ln or f"job {job}" in ln or f"job_id {job}" in ln
@@ -305,7 +311,7 @@ def test_sbatch_on_two_slurm_nodes_stops_on_slurms_signal_requeues_and_resumes(c
             _sh("scancel", job, env=env, check=False)
             pytest.fail(f"job {job} still {info['JobState']} after 420 s:\n{_slurm_diagnostics(job, env, log_file)}")
         time.sleep(1)
-    log = log_file.read_text()
+    log = _read_log(log_file)
     if not (info["JobState"] == "COMPLETED" and info.get("Restarts") == "1"):
         pytest.fail(f"job {job} ended {info['JobState']} (Restarts={info.get('Restarts')}, released={released}), "
                     f"expected COMPLETED after one requeue:\n{_slurm_diagnostics(job, env, log_file)}")
@@ -332,7 +338,7 @@ def test_scancel_stops_a_running_job_cleanly(clusters, work):
     job = _sbatch(env, log_file, "--time=10")
     deadline, cancelled = time.time() + 300, False
     while True:
-        log = log_file.read_text() if log_file.exists() else ""
+        log = _read_log(log_file) if log_file.exists() else ""
         if not cancelled and "step 2:" in log:
             _sh("scancel", job, env=env)
             cancelled = True
@@ -345,7 +351,7 @@ def test_scancel_stops_a_running_job_cleanly(clusters, work):
             pytest.fail(f"job {job}: {info['JobState']} after 300 s:\n{log[-6000:]}")
         time.sleep(0.5)
     time.sleep(2)
-    log = log_file.read_text()
+    log = _read_log(log_file)
     assert info["JobState"] == "CANCELLED" and info.get("Restarts", "0") == "0", info
     assert "stopped by SIGTERM" in log and "not requeued here" in log, log[-4000:]
     stopped = [r for r in _results(log) if not r["finished"]]
