@@ -135,15 +135,6 @@ def aggregate(runs: dict[str, dict]) -> list[TableRow]:
     return out
 
 
-def fmt(s: Stat, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
-    if s.mean is None:
-        return "—"
-    text = f"{scale * s.mean:.{digits}f}"
-    if s.std is not None:
-        text += f" ± {scale * s.std:.{digits}f}"
-    return text + unit
-
-
 def markdown_table(rows: list[TableRow]) -> str:
     lines = [TABLE_HEADER, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -153,12 +144,12 @@ def markdown_table(rows: list[TableRow]) -> str:
         spent_s = ("∞ (non-private)" if spent == float("inf") or (spent is None and r.variant.startswith("nonprivate"))
                    else "0 (no private data)" if spent == 0 else "—" if spent is None else f"{spent:.2f}")
         params = "—" if r.trainable_parameters is None else f"{r.trainable_parameters:,}"
-        fid = fmt(r.fid) + ("" if r.fid.mean is None or r.fid_n_samples is None else f" ({r.fid_n_samples})")
-        direct = "—" if r.direct is None else f"{fmt(r.direct, 100, unit='%')} (n={r.direct.n})"
+        fid = r.fid.text() + ("" if r.fid.mean is None or r.fid_n_samples is None else f" ({r.fid_n_samples})")
+        direct = "—" if r.direct is None else f"{r.direct.text(100, unit='%')} (n={r.direct.n})"
         margin = "—" if r.margin is None else f"{round(100 * r.margin, 1) + 0.0:+.1f}" + (  # never "-0.0"
             "" if r.margin_se is None else f" ± {100 * r.margin_se:.1f}")
-        lines.append(f"| {name} | {target} | {spent_s} | {params} | {r.runs} | {fmt(r.accuracy, 100, unit='%')} | "
-                     f"{fid} | {fmt(r.kid, digits=4)} | {direct} | {margin} | {fmt(r.seconds, digits=0)} |")
+        lines.append(f"| {name} | {target} | {spent_s} | {params} | {r.runs} | {r.accuracy.text(100, unit='%')} | "
+                     f"{fid} | {r.kid.text(digits=4)} | {direct} | {margin} | {r.seconds.text(digits=0)} |")
     if any(r.legacy for r in rows):
         lines += ["", f"† {LEGACY_NOTE}"]
     return "\n".join(lines)
