@@ -220,6 +220,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay: str = "constant"  # constant | cosine (to 0 at the last step): pretrain-ldm and DP fine-tuning, not the AE
     ema_decay: float = 0.999
     batch_size: int = 64  # non-private (pretraining) batch
     steps: int = 1000  # non-private steps (pretraining); DP runs use privacy.steps
@@ -257,6 +258,8 @@ class TrainConfig:
                  f"every step), got {self.lr:g} * {self.weight_decay:g}")
         _require(0 <= self.warmup_steps <= MAX_STEPS, "train.warmup_steps",
                  f"must lie in [0, {MAX_STEPS}], got {self.warmup_steps}")
+        _require(self.lr_decay in ("constant", "cosine"), "train.lr_decay",
+                 f"must be constant|cosine, got {self.lr_decay!r}")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(0 <= self.steps <= MAX_STEPS, "train.steps", f"must lie in [0, {MAX_STEPS}], got {self.steps}")

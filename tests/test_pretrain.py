@@ -59,7 +59,56 @@ def runs(tmp_path_factory):
     assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cut"), "--no-wandb", steps={"steps": 2}) == 0
     assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cut"), "--no-wandb", "--resume",
                steps={"steps": 4}) == 0
+    # the cosine learning-rate decay: an uninterrupted run, and one stopped by --max-steps and resumed
+    cos = ("--set", "train.lr_decay=cosine")
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cos"), "--no-wandb", *cos,
+               steps={"steps": 4}) == 0
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cos_cut"), "--no-wandb", *cos,
+               "--max-steps", "2", steps={"steps": 4}) == 0
+    assert cli("pretrain-ldm", "--autoencoder", ae, "--out", str(root / "ldm_cos_cut"), "--no-wandb", *cos,
+               "--resume", steps={"steps": 4}) == 0
     return root
+
+
+def cosine_reference(step: int, warmup: int, total: int) -> float:
+    """The multiplier of 0-based `step`, written out independently of dpldm.train.common.lr_factor."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return (1 + np.cos(np.pi * (step - warmup) / (total - warmup))) / 2
+
+
+def test_lr_factor_warms_up_then_stays_or_follows_half_a_cosine_to_zero():
+    from dpldm.train.common import lr_factor
+
+    for warmup, total in ((0, 10), (3, 10), (100, 4000)):
+        for step in sorted({0, 1, warmup - 1, warmup, warmup + 1, (warmup + total) // 2, total - 1, total}):
+            if step < 0:
+                continue
+            assert lr_factor(step, warmup, total, "constant") == (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            assert lr_factor(step, warmup, total, "cosine") == pytest.approx(cosine_reference(step, warmup, total),
+                                                                              abs=1e-12)
+    assert lr_factor(2, 3, 10, "cosine") == 1.0 and lr_factor(3, 3, 10, "cosine") == 1.0  # warm-up ends at 1
+    assert lr_factor(10, 3, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(50, 3, 10, "cosine") == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    with pytest.raises(ValueError, match="constant|cosine"):
+        lr_factor(5, 0, 10, "linear")
+
+
+def test_pretrain_ldm_cosine_decay_logs_the_closed_form_lr_and_resumes_exactly(runs):
+    lr = 1e-3  # TrainConfig's default: TINY does not set it
+    logged = [json.loads(line) for line in (runs / "ldm_cos" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["lr"] for r in logged if "lr" in r}
+    # after `done` optimizer steps the scheduler holds the multiplier of 0-based step `done` (warm-up 2, 4 steps)
+    assert sorted(by_step) == [1, 2, 3, 4]
+    for done, value in by_step.items():
+        assert value == pytest.approx(lr * cosine_reference(done, 2, 4), abs=1e-15), done
+    assert by_step[3] == pytest.approx(lr / 2) and by_step[4] == pytest.approx(0.0, abs=1e-15)
+    a, b = tensors_of(runs / "ldm_cos" / "model"), tensors_of(runs / "ldm_cos_cut" / "model")
+    assert_same_tensors(a, b)  # stopped by --max-steps at step 2 and resumed: the same weights
+    const = tensors_of(runs / "ldm" / "model")
+    assert not torch.equal(a["unet.out.2.weight"], const["unet.out.2.weight"])  # the decay changed the training
+    saved = json.loads((runs / "ldm_cos" / "config.json").read_text())
+    assert saved["train"]["lr_decay"] == "cosine"
 
 
 def test_pretrain_ae_finishes_and_resume_matches_uninterrupted(runs, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,24 @@ def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def warmup_scheduler(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_steps` steps, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, decay: str = "constant") -> float:
+    """The learning-rate multiplier of (0-based) `step`: linear warm-up over `warmup_steps` steps, then
+    constant, or ("cosine") half a cosine from 1 after the warm-up down to 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    if decay != "cosine":
+        raise ValueError(f"learning-rate decay must be constant|cosine, got {decay!r}")
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))  # 0 right after the warm-up
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_scheduler(opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int = 0,
+                     decay: str = "constant") -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps` steps, then constant or cosine decay to 0 at `total_steps`
+    (`lr_factor`). The lambda depends only on the step, so a resumed scheduler continues exactly."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps, decay))
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

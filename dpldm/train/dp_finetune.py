@@ -231,7 +231,7 @@ class Trainer:
         unet.eval()  # the whole UNet: frozen modules and dropout off (GroupNorm/LayerNorm behave the same)
         self.trainable = self.model.trainable()
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=tc.lr, weight_decay=tc.weight_decay)
-        self.scheduler = warmup_scheduler(self.optimizer, tc.warmup_steps)
+        self.scheduler = warmup_scheduler(self.optimizer, tc.warmup_steps, pc.steps, tc.lr_decay)
         self.ema = TrainableEMA(self.trainable, tc.ema_decay)
         noise = GaussianNoise(secure=pc.secure_noise, seed=tc.seed if tc.deterministic else None)
         loss = DiffusionDPLoss(DiffusionSchedule.from_config(cfg.diffusion), scale_factor=self.init.scale_factor,
@@ -312,8 +312,8 @@ class Trainer:
             f"sigma*C={led.noise_std:.4g}, on the update sigma*C/(qN)={led.noise_std / led.expected_batch_size:.3g}, "
             f"delta={led.delta:g}, accountant={led.accountant_name}, epsilon after all steps="
             f"{led.epsilon_after(pc.steps):.3f} (target {pc.epsilon}){private}\n"
-            f"[finetune] K={self.cfg.diffusion.timesteps_per_example}, physical batch {pc.physical_batch_size}, lr {tc.lr}, "
-            f"warm-up {tc.warmup_steps}, EMA {tc.ema_decay}, noise {self.dp.noise.mode}, seeds "
+            f"[finetune] K={self.cfg.diffusion.timesteps_per_example}, physical batch {pc.physical_batch_size}, lr {tc.lr} "
+            f"({tc.lr_decay}), warm-up {tc.warmup_steps}, EMA {tc.ema_decay}, noise {self.dp.noise.mode}, seeds "
             f"{'from train.seed (deterministic)' if tc.deterministic else 'from the OS (secret)'}"
             + (f"\n[finetune] resumed from {self.resumed_from} at step {led.steps_done} (epsilon spent "
                f"{led.epsilon_spent():.4g}; saved by {self.saved_by} rank(s), now {self.ctx.world_size}); changed "

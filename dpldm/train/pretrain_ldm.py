@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     ldm.to(device)
     unet = ldm.unet
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = warmup_scheduler(opt, tc.warmup_steps)
+    sched = warmup_scheduler(opt, tc.warmup_steps, tc.steps, tc.lr_decay)
     start, wall_before, last_loss = 0, 0.0, None  # wall_before None: resumed from a checkpoint without it
     if found is not None:
         tensors, meta, folder = found
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info(f"[pretrain-ldm] {describe_public(cfg, data)} -> latents {latents.latent_shape}, "
                 f"scale_factor {scale:.5f} (1/std of public latents); UNet parameters {total:,} (trainable "
                 f"{trainable:,}), {len(unet.attention_modules())} attention modules; steps {start}->{tc.steps}, "
-                f"batch {tc.batch_size}, K {dc.timesteps_per_example}, lr {tc.lr}, warmup {tc.warmup_steps}, "
+                f"batch {tc.batch_size}, K {dc.timesteps_per_example}, lr {tc.lr} ({tc.lr_decay}), warmup {tc.warmup_steps}, "
                 f"cond_drop_prob {dc.cond_drop_prob}, ema_decay {tc.ema_decay}"
                 f"{' (EMA restarted)' if args.restart_ema else ''}, device {describe_device(device)}, "
                 f"threads {torch.get_num_threads()}")
