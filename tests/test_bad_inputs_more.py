@@ -277,6 +277,8 @@ ROWS = [
         "data.num_workers: must lie in [0, 1024]"),
     Row("config-warmup-huge", "`train.warmup_steps = 10**12`",
         lambda e, o: ft(e, o, sets=("train.warmup_steps=1000000000000",)), "train.warmup_steps: must lie in [0, 1000000000]"),
+    Row("config-lr-decay-unknown", "`train.lr_decay = \"linear\"`",
+        lambda e, o: ft(e, o, sets=("train.lr_decay=linear",)), "train.lr_decay: must be constant|cosine, got 'linear'"),
     Row("config-dropout-one", "`unet.dropout = 1`", lambda e, o: ft(e, o, sets=("unet.dropout=1",)),
         "unet.dropout: must lie in [0, 1)"),
     Row("config-heads-huge", "`unet.num_heads = 1000`", lambda e, o: ft(e, o, sets=("unet.num_heads=1000",)),
