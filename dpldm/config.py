@@ -47,6 +47,7 @@ MAX_IMAGE_SIZE = 8192
 MAX_TIMESTEPS = 100_000
 SAMPLERS = ("ddim", "dpmpp-2m", "unipc", "ddpm")  # dpldm.diffusion.schedulers.sample
 MAX_STEPS = 10**9
+LR_DECAYS = ("constant", "cosine")  # train.lr_decay (dpldm.train.common.lr_factor)
 MAX_LR = 10.0  # AdamW learning rates above this diverge on the first steps
 
 
@@ -258,8 +259,7 @@ class TrainConfig:
                  f"every step), got {self.lr:g} * {self.weight_decay:g}")
         _require(0 <= self.warmup_steps <= MAX_STEPS, "train.warmup_steps",
                  f"must lie in [0, {MAX_STEPS}], got {self.warmup_steps}")
-        _require(self.lr_decay in ("constant", "cosine"), "train.lr_decay",
-                 f"must be constant|cosine, got {self.lr_decay!r}")
+        _require(self.lr_decay in LR_DECAYS, "train.lr_decay", f"must be {'|'.join(LR_DECAYS)}, got {self.lr_decay!r}")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(0 <= self.steps <= MAX_STEPS, "train.steps", f"must lie in [0, {MAX_STEPS}], got {self.steps}")

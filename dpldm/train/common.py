@@ -16,7 +16,7 @@ import torch
 
 from dpldm.checkpoint import list_step_checkpoints
 from dpldm.errors import UserError
-from dpldm.config import RunConfig, load_config
+from dpldm.config import LR_DECAYS, RunConfig, load_config
 from dpldm.utils.device import add_device_argument, resolve_device
 
 STREAMS = {"ae": 1, "ldm": 2, "sample": 3}
@@ -68,10 +68,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, decay: str = "
     constant, or ("cosine") half a cosine from 1 after the warm-up down to 0 at `total_steps`."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if decay not in LR_DECAYS:
+        raise ValueError(f"learning-rate decay must be {'|'.join(LR_DECAYS)}, got {decay!r}")
     if decay == "constant" or total_steps <= warmup_steps:
         return 1.0
-    if decay != "cosine":
-        raise ValueError(f"learning-rate decay must be constant|cosine, got {decay!r}")
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))  # 0 right after the warm-up
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
